@@ -1,0 +1,371 @@
+"""Typed configuration: dataclasses, TOML presets and dotted command-line overrides.
+
+A run's configuration is built in three layers, each overriding the last:
+the dataclass defaults below, a TOML preset (`--config NAME` for one shipped in
+`nanotrain/configs/`, or `--config path/to/file.toml`), and dotted overrides
+(`--model.n_layers=2 --train.lr=1e-3`). Everything is validated before any work
+starts; every problem is reported as a `ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nanotrain.errors import NanotrainError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "default"
+
+
+class ConfigError(NanotrainError):
+    """A configuration problem, described in one line that says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    """The Transformer's shape. `flavour` picks the mini-GPT or the LLaMA variant."""
+
+    flavour: str = "llama"  # "llama" | "gpt"
+    vocab_size: int = 32000
+    max_position_embeddings: int = 2048  # longest sequence the model accepts
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 0  # 0 means "same as n_heads" (plain multi-head attention)
+    d_model: int = 256
+    d_ff: int = 768  # MLP hidden size (SwiGLU intermediate size for llama)
+    dropout: float = 0.0
+    rope_theta: float = 10000.0  # llama only
+    norm_eps: float = 1e-6  # RMSNorm eps (llama) / LayerNorm eps (gpt)
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    activation_checkpointing: bool = False  # recompute each block in backward
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from and how they are batched."""
+
+    source: str = "stories"  # "stories" (built-in corpus) | "tokens" (prepared dir) | "random"
+    path: str = ""  # prepared dataset directory, for source = "tokens"
+    mode: str = "packed"  # "packed" (documents concatenated) | "padded" (one document per row)
+    num_workers: int = 0  # DataLoader worker processes
+    stories_count: int = 6000  # documents the built-in corpus generates
+    stories_vocab_size: int = 1024  # tokenizer size trained on the built-in corpus (at most ~1700 fit its words)
+    stories_seed: int = 0  # seed of the built-in corpus (apart from train.seed: new runs, same text)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule. The peak learning rate is `train.lr`."""
+
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    implementation: str = "auto"  # "auto" | "fused" | "foreach" | "for-loop"
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how long, how big, how often to log and evaluate."""
+
+    out_dir: str = "runs/default"
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per process per micro-step
+    seq_len: int = 256
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    seed: int = 1337
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    compile: bool = False
+    tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
+    log_every: int = 10
+    eval_every: int = 100  # 0 disables periodic evaluation
+    eval_steps: int = 20  # batches per evaluation (split across processes)
+    on_nonfinite: str = "stop"  # "stop" | "skip" when the loss or grad norm is not finite
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = look up or measure
+    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
+    sample_tokens: int = 48  # tokens generated per prompt at each evaluation; 0 disables
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is spread across processes."""
+
+    strategy: str = "auto"  # "auto" | "none" | "ddp" | "fsdp"; auto = ddp when world > 1
+    reshard_after_forward: bool = True  # FSDP: free gathered params after forward
+    timeout_s: int = 300  # collective timeout: a stuck rank fails the job, never hangs it
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written, and what to resume from."""
+
+    interval: int = 0  # steps between checkpoints; 0 disables periodic saving
+    keep_last: int = 3
+    dir: str = ""  # default: <train.out_dir>/checkpoints
+    resume: str = "auto"  # "auto" | "none" | path to a checkpoint directory
+    on_preempt: bool = True  # save before exiting on SIGTERM / SIGINT
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML that `--config` reads back unchanged."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+CHOICES = {
+    "model.flavour": ("llama", "gpt"),
+    "data.source": ("stories", "tokens", "random"),
+    "data.mode": ("packed", "padded"),
+    "optim.implementation": ("auto", "fused", "foreach", "for-loop"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
+}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # strings and lists of strings: JSON quoting is valid TOML
+
+
+def _sections() -> dict[str, type]:
+    return _field_types(Config)
+
+
+def _field_types(cls) -> dict[str, type]:
+    """Field name -> resolved type annotation (annotations are strings under `from __future__`)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def all_keys() -> list[str]:
+    """Every dotted key a configuration accepts, e.g. `model.n_layers`."""
+    return [f"{s}.{name}" for s, cls in _sections().items() for name in _field_types(cls)]
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    if not close:  # a right field name under the wrong section is a common slip
+        name = key.rsplit(".", 1)[-1]
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == name]
+    hint = f"; did you mean '{close[0]}'?" if close else "; run with --help-config to list every key"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value, annotation):
+    """Convert a TOML value or a command-line string to the field's declared type."""
+    from_cli = isinstance(value, str) and annotation is not str
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if from_cli and value.lower() in ("false", "0", "no", "off"):
+            return False
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_cli:
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_cli:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(annotation) is list:
+        if from_cli:
+            value = json.loads(value) if value.startswith("[") else [v for v in value.split("|") if v]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    type_name = getattr(annotation, "__name__", str(annotation))
+    if typing.get_origin(annotation) is list:
+        type_name = "list of strings ('a|b' or JSON)"
+    raise ConfigError(f"config key '{key}' expects {type_name}, got {value!r}")
+
+
+def _apply(cfg: Config, key: str, value) -> None:
+    section, _, name = key.partition(".")
+    sections = _sections()
+    if section not in sections or not name:
+        raise _unknown(key)
+    types = _field_types(sections[section])
+    if name not in types:
+        raise _unknown(key)
+    setattr(getattr(cfg, section), name, _coerce(key, value, types[name]))
+
+
+def _apply_table(cfg: Config, table: dict, source: str) -> None:
+    for section, values in table.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: '{section}' must be a [section] table, got {values!r}")
+        for name, value in values.items():
+            _apply(cfg, f"{section}.{name}", value)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _preset_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise ConfigError(f"config file '{name_or_path}' does not exist")
+        return path
+    shipped = PRESET_DIR / f"{name_or_path}.toml"
+    if not shipped.is_file():
+        close = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"unknown preset '{name_or_path}': {hint}choose one of {', '.join(preset_names())} or pass a .toml path"
+        )
+    return shipped
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Build and validate a Config from a preset (name or .toml path) and dotted overrides.
+
+    `overrides` take the form "section.key=value" (a leading "--" is allowed).
+    """
+    cfg = Config()
+    path = _preset_path(name_or_path or DEFAULT_PRESET)
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
+    _apply_table(cfg, table, str(path))
+    for item in overrides or []:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' must look like --section.key=value")
+        _apply(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for the first inconsistency found, before any work starts."""
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+    m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.max_position_embeddings": m.max_position_embeddings,
+        "model.n_layers": m.n_layers, "model.n_heads": m.n_heads, "model.d_model": m.d_model,
+        "model.d_ff": m.d_ff, "train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
+        "train.seq_len": t.seq_len, "train.grad_accum_steps": t.grad_accum_steps, "train.lr": t.lr,
+        "train.log_every": t.log_every, "train.eval_steps": t.eval_steps,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last, "parallel.timeout_s": cfg.parallel.timeout_s,
+        "model.norm_eps": m.norm_eps, "model.init_std": m.init_std,
+    }
+    if m.flavour == "llama":
+        positive["model.rope_theta"] = m.rope_theta
+    for key, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "model.n_kv_heads": m.n_kv_heads, "train.eval_every": t.eval_every,
+        "train.sample_tokens": t.sample_tokens, "optim.warmup_steps": o.warmup_steps,
+        "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay, "optim.eps": o.eps,
+        "checkpoint.interval": cfg.checkpoint.interval, "data.num_workers": d.num_workers,
+        "train.peak_tflops": t.peak_tflops,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {beta}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})"
+        )
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(
+            f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})"
+        )
+    if m.flavour == "llama" and m.head_dim % 2:
+        raise ConfigError(f"llama needs an even head dimension for RoPE, got d_model/n_heads = {m.head_dim}")
+    if t.seq_len > m.max_position_embeddings:
+        raise ConfigError(
+            f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
+            f"({m.max_position_embeddings}); lower the first or raise the second"
+        )
+    if d.source == "tokens" and not d.path:
+        raise ConfigError("data.source = 'tokens' needs --data.path=DIR (a directory made by nanotrain.prepare)")
+    if d.source == "stories" and d.stories_count < 10:
+        raise ConfigError(f"data.stories_count must be at least 10, got {d.stories_count}")
+    if d.source == "stories" and d.stories_vocab_size > m.vocab_size:
+        raise ConfigError(
+            f"data.stories_vocab_size ({d.stories_vocab_size}) exceeds model.vocab_size ({m.vocab_size})"
+        )
+    if m.flavour == "gpt" and m.n_kv_heads not in (0, m.n_heads):
+        raise ConfigError("model.n_kv_heads (grouped-query attention) is a llama feature; leave it 0 for gpt")
+
+
+def describe_keys() -> str:
+    """One line per key with its default, for --help-config."""
+    defaults = Config().to_dict()
+    return "\n".join(f"  --{k}={_toml_value(defaults[k.split('.')[0]][k.split('.')[1]])}" for k in all_keys())
+

@@ -1,0 +1,232 @@
+"""The Transformer's behaviour: shapes, causality, padding, GQA, init, sizes and the KV cache."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from nanotrain.config import ModelConfig, load_config
+from nanotrain.model import (
+    build_model,
+    flops_per_token,
+    hf_llama_name,
+    nanotrain_name_from_hf,
+    num_parameters,
+    parameter_report,
+)
+
+FLAVOURS = ["gpt", "llama"]
+
+
+def tiny_config(flavour: str, **overrides) -> ModelConfig:
+    fields = dict(
+        flavour=flavour, vocab_size=64, max_position_embeddings=32, n_layers=2, n_heads=4,
+        n_kv_heads=2 if flavour == "llama" else 0, d_model=32, d_ff=64, norm_eps=1e-5, init_std=0.1,
+    )
+    return ModelConfig(**(fields | overrides))
+
+
+def tiny_model(flavour: str, seed: int = 0, **overrides):
+    return build_model(tiny_config(flavour, **overrides), seed=seed).eval()
+
+
+def random_ids(batch: int, length: int, vocab: int = 64, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_shapes_and_loss(flavour):
+    model = tiny_model(flavour)
+    ids = random_ids(3, 10)
+    logits, loss = model(ids)
+    assert logits.shape == (3, 10, 64) and loss is None
+    logits, loss = model(ids, labels=ids)
+    assert loss.shape == () and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_changing_a_later_token_never_changes_earlier_logits(flavour):
+    model = tiny_model(flavour)
+    ids = random_ids(1, 12)
+    changed = ids.clone()
+    changed[0, 7] = (ids[0, 7] + 1) % 64
+    with torch.no_grad():
+        before, after = model(ids)[0], model(changed)[0]
+    torch.testing.assert_close(before[:, :7], after[:, :7], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 7:], after[:, 7:])
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_left_padding_gives_the_unpadded_logits_at_real_positions(flavour):
+    model = tiny_model(flavour)
+    long_row, short_row = random_ids(1, 10, seed=1)[0], random_ids(1, 6, seed=2)[0]
+    pad = 4
+    ids = torch.stack([long_row, torch.cat([torch.zeros(pad, dtype=torch.long), short_row])])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask)[0]
+        alone_long = model(long_row[None])[0]
+        alone_short = model(short_row[None])[0]
+    assert torch.isfinite(padded).all(), "fully masked padding queries must stay finite"
+    torch.testing.assert_close(padded[0], alone_long[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded[1, pad:], alone_short[0], rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_equals_mha_when_kv_weights_are_repeated():
+    gqa = tiny_model("llama", n_heads=4, n_kv_heads=2)
+    mha = tiny_model("llama", n_heads=4, n_kv_heads=4, seed=1)
+    group, head_dim, d_model = 2, 8, 32
+    state = gqa.state_dict()
+    for name, weight in list(state.items()):
+        if name.endswith(("k_proj.weight", "v_proj.weight")):  # (Hkv * hd, C) -> (H * hd, C)
+            per_head = weight.view(-1, head_dim, d_model)
+            state[name] = per_head.repeat_interleave(group, dim=0).reshape(-1, d_model)
+    mha.load_state_dict(state)
+    ids = random_ids(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(ids)[0], mha(ids)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tinystories_20m_has_exactly_19_532_032_parameters():
+    model = build_model(load_config("tinystories-20m").model)
+    assert num_parameters(model) == 19_532_032
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_loss_at_init_is_close_to_ln_vocab(flavour):
+    model = tiny_model(flavour, vocab_size=512, init_std=0.02)
+    ids = random_ids(4, 32, vocab=512)
+    with torch.no_grad():
+        loss = model(ids, labels=ids)[1]
+    assert abs(loss.item() - math.log(512)) < 0.1
+
+
+def test_init_depends_only_on_the_seed_and_leaves_the_global_rng_alone():
+    rng_before = torch.get_rng_state()
+    a, b, c = (build_model(tiny_config("llama"), seed=s).state_dict() for s in (7, 7, 8))
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["blocks.0.attn.q_proj.weight"], c["blocks.0.attn.q_proj.weight"])
+
+
+def test_init_scales_residual_projections_and_sets_norms_and_biases():
+    model = build_model(tiny_config("gpt", n_layers=8, d_model=64, d_ff=256, init_std=0.02))
+    std = 0.02 / math.sqrt(2 * 8)
+    for block in model.blocks:
+        assert torch.equal(block.attn_norm.weight, torch.ones(64))
+        assert torch.equal(block.attn_norm.bias, torch.zeros(64))
+        assert torch.equal(block.attn.q_proj.bias, torch.zeros(64))
+    residual = torch.cat([w.flatten() for b in model.blocks for w in (b.attn.o_proj.weight, b.mlp.down_proj.weight)])
+    others = torch.cat([b.mlp.up_proj.weight.flatten() for b in model.blocks])
+    assert abs(residual.std().item() - std) < 0.1 * std
+    assert abs(others.std().item() - 0.02) < 0.002
+
+
+def test_tied_embeddings_share_storage_and_count_once():
+    untied = tiny_model("llama")
+    tied = tiny_model("llama", tie_embeddings=True)
+    assert tied.lm_head.weight.data_ptr() == tied.tok_embeddings.weight.data_ptr()
+    assert num_parameters(untied) - num_parameters(tied) == 64 * 32
+    assert "tied to tok_embeddings" in parameter_report(tied)
+    assert f"{num_parameters(tied):,}" in parameter_report(tied).splitlines()[-1]
+
+
+def test_parameter_report_lists_each_block_and_the_total():
+    model = build_model(load_config("tinystories-20m").model)
+    report = parameter_report(model)
+    assert report.splitlines()[-1].split()[:2] == ["total", "19,532,032"]
+    assert sum(line.startswith("blocks.") for line in report.splitlines()) == 4
+
+
+def test_flops_per_token_counts_six_per_matmul_weight_plus_attention():
+    cfg = tiny_config("llama")
+    model = build_model(cfg)
+    norm_params = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    matmul_params = num_parameters(model, exclude_embeddings=True) - norm_params  # head included
+    assert flops_per_token(cfg, 16) == 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * 16
+
+
+def test_dropout_acts_in_training_only():
+    model = tiny_model("gpt", dropout=0.5)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(ids)[0], model(ids)[0])
+        model.eval()
+        assert torch.equal(model(ids)[0], model(ids)[0])
+
+
+def test_bad_inputs_give_clear_errors():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(random_ids(1, 33))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        model(random_ids(1, 8), attention_mask=torch.ones(1, 9, dtype=torch.long))
+    cache = model.new_kv_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache holds 4"):
+        model(random_ids(1, 5), kv_cache=cache)
+
+
+def test_hf_llama_names_cover_every_parameter_and_invert():
+    for tie in (False, True):
+        model = tiny_model("llama", tie_embeddings=tie)
+        for name in model.state_dict():
+            assert nanotrain_name_from_hf(hf_llama_name(name)) == name
+    assert hf_llama_name("blocks.1.attn.k_proj.weight") == "model.layers.1.self_attn.k_proj.weight"
+    with pytest.raises(KeyError, match="no counterpart"):
+        hf_llama_name("pos_embeddings.weight")
+
+
+# ---- KV cache: greedy decoding with the cache equals full recomputation ----------------------------
+
+def greedy_without_cache(model, ids, mask, new_tokens):
+    for _ in range(new_tokens):
+        next_id = model(ids, attention_mask=mask)[0][:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        ids, mask = torch.cat([ids, next_id], 1), torch.cat([mask, torch.ones_like(next_id)], 1)
+    return ids
+
+
+def greedy_with_cache(model, ids, mask, new_tokens):
+    cache = model.new_kv_cache(ids.size(0), ids.size(1) + new_tokens)
+    logits = model(ids, attention_mask=mask, kv_cache=cache)[0]
+    for _ in range(new_tokens):
+        next_id = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        ids = torch.cat([ids, next_id], 1)
+        mask = None if mask is None else torch.cat([mask, torch.ones_like(next_id)], 1)
+        logits = model(next_id, attention_mask=mask, kv_cache=cache)[0]
+    assert cache.length == ids.size(1)
+    return ids
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@torch.no_grad()
+def test_kv_cache_greedy_decoding_equals_recomputation(flavour):
+    model = tiny_model(flavour)
+    prompt = random_ids(1, 5)
+    expected = greedy_without_cache(model, prompt, torch.ones_like(prompt), 12)
+    assert torch.equal(greedy_with_cache(model, prompt, None, 12), expected)
+    assert torch.equal(greedy_with_cache(model, prompt, torch.ones_like(prompt), 12), expected)
+    assert len(set(expected[0, 5:].tolist())) > 1, "a degenerate model would make this test vacuous"
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@torch.no_grad()
+def test_kv_cache_left_padded_batch_equals_one_by_one(flavour):
+    model = tiny_model(flavour)
+    prompts = [random_ids(1, 7, seed=3)[0], random_ids(1, 3, seed=4)[0]]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([(torch.arange(width) >= width - len(p)).long() for p in prompts])
+    batched = greedy_with_cache(model, ids, mask, 10)
+    for row, prompt in enumerate(prompts):
+        alone = greedy_without_cache(model, prompt[None], torch.ones_like(prompt[None]), 10)
+        assert torch.equal(batched[row, width - len(prompt):], alone[0])
+
+
+def test_config_fields_reach_the_model():
+    cfg = dataclasses.replace(tiny_config("llama"), norm_eps=1e-3)
+    model = build_model(cfg)
+    assert model.config is cfg and model.norm.eps == 1e-3
+    assert len(model.blocks) == cfg.n_layers and model.blocks[0].attn.k_proj.out_features == 2 * cfg.head_dim
