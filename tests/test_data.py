@@ -1,0 +1,170 @@
+"""The loader: global order across layouts, disjoint rank shards, exact resume, padded rows, validation."""
+
+import numpy as np
+import pytest
+import torch
+
+from nanotrain.config import load_config
+from nanotrain.data import DataError, MicroBatchSampler, build_data, unigram_entropy
+from nanotrain.prepare import prepare_documents
+from nanotrain.stories import generate_stories
+
+T = 32
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    stories = generate_stories(300, seed=2)
+    out = tmp_path_factory.mktemp("data") / "ds"
+    prepare_documents(lambda: ((s, 0) for s in stories), out, sources=[{"name": "test"}], total_bytes=1,
+                      vocab_size=400, val_fraction=0.1, seed=0, verbose=False)
+    return out
+
+
+def config(dataset, *overrides, source="tokens"):
+    return load_config(None, [f"--data.source={source}", f"--data.path={dataset}", "--model.vocab_size=512",
+                              f"--train.seq_len={T}", "--train.eval_steps=3", *overrides])
+
+
+def rows(batches):
+    """Each micro-batch's sequences as tuples, in order."""
+    return [tuple(r.tolist()) for b in batches for r in b["input_ids"]]
+
+
+def step_rows(dataset, world, batch, accum, steps, *extra):
+    """Per optimizer step, the sequences all ranks saw together (layout: world x batch x accum)."""
+    cfg = config(dataset, f"--train.batch_size={batch}", f"--train.grad_accum_steps={accum}", *extra)
+    loaders = [build_data(cfg, r, world).train for r in range(world)]
+    return [sorted(rows(next(loaders[r]) for r in range(world) for _ in range(accum))) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_same_sequences_per_step_whatever_the_layout(dataset, mode):
+    single = step_rows(dataset, 1, 8, 1, 4, f"--data.mode={mode}")
+    assert step_rows(dataset, 2, 4, 1, 4, f"--data.mode={mode}") == single  # 2 ranks x B/2
+    assert step_rows(dataset, 1, 4, 2, 4, f"--data.mode={mode}") == single  # 1 x B/2 x accum 2
+    assert step_rows(dataset, 2, 2, 2, 4, f"--data.mode={mode}") == single  # 2 ranks x B/4 x accum 2
+    if mode == "packed":  # (padded rows of T=32 are story openings, which repeat)
+        assert len({r for step in single for r in step}) == 32  # the steps hold different sequences
+
+
+def test_rank_shards_are_disjoint_and_cover_the_epoch(dataset):
+    cfg = config(dataset, "--train.batch_size=4")
+    order = build_data(cfg, 0, 2).train.order
+    samplers = [MicroBatchSampler(order, 4, r, 2) for r in range(2)]
+    n = order.num_samples
+    full = n // 8  # micro-batches whose 8 global positions all lie in epoch 0
+    shards = [[i for k in range(full) for i in samplers[r].indices(k)] for r in range(2)]
+    assert not set(shards[0]) & set(shards[1])
+    in_order = [i for k in range(full + 1) for r in range(2) for i in samplers[r].indices(k)]
+    assert sorted(in_order[:n]) == list(range(n))  # every sample exactly once per epoch
+    epoch1 = [order.sample(n + j) for j in range(n)]
+    assert sorted(epoch1) == list(range(n)) and epoch1 != in_order[:n]  # the next epoch: a new shuffle
+
+
+@pytest.mark.parametrize("mode,workers", [("packed", 0), ("padded", 0), ("packed", 1)])
+def test_resume_gives_the_identical_next_batches(dataset, mode, workers):
+    cfg = config(dataset, "--train.batch_size=4", f"--data.mode={mode}", f"--data.num_workers={workers}")
+    first = build_data(cfg, 1, 2).train
+    per_epoch_micro = first.order.num_samples // 8
+    for _ in range(per_epoch_micro - 1):  # stop just before an epoch boundary, so resume crosses it
+        next(first)
+    state = first.state_dict()
+    assert state["epoch"] == 0 and all(isinstance(v, int) for v in state.values())
+    expected = [next(first) for _ in range(4)]
+    resumed = build_data(cfg, 1, 2).train
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, (next(resumed) for _ in range(4))):
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_resume_on_another_world_size(dataset):
+    """Saved by 2 ranks x B/2 at a step boundary, resumed by 1 process x B: same next global batch."""
+    two = [build_data(config(dataset, "--train.batch_size=4"), r, 2).train for r in range(2)]
+    for _ in range(3):
+        for loader in two:
+            next(loader)
+    state = two[0].state_dict()
+    one = build_data(config(dataset, "--train.batch_size=8"), 0, 1).train
+    one.load_state_dict(state)
+    assert rows([next(one)]) == rows([next(two[0]), next(two[1])])
+
+
+def test_packed_samples_are_windows_of_the_token_stream(dataset):
+    data = build_data(config(dataset, "--train.batch_size=4"), 0, 1)
+    tokens = np.fromfile(dataset / "train.bin", dtype=np.uint16).astype(np.int64)
+    batch = next(data.train)
+    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].dtype == torch.int64
+    assert torch.equal(batch["labels"], batch["input_ids"])
+    for row, i in zip(batch["input_ids"], MicroBatchSampler(data.train.order, 4, 0, 1).indices(0)):
+        assert row.tolist() == tokens[i * T : (i + 1) * T].tolist()
+
+
+def test_padded_rows_are_left_padded_documents(dataset):
+    T = 270  # the stories hold 209 to 385 tokens: some rows are padded, some truncated
+    data = build_data(config(dataset, "--train.batch_size=8", "--data.mode=padded", f"--train.seq_len={T}",
+                             "--model.max_position_embeddings=512"), 0, 1)
+    tokens = np.fromfile(dataset / "train.bin", dtype=np.uint16).astype(np.int64)
+    offsets = np.fromfile(dataset / "train.idx", dtype=np.uint64).astype(np.int64)
+    batch = next(data.train)
+    pad = data.tokenizer.pad_id
+    for k, i in enumerate(MicroBatchSampler(data.train.order, 8, 0, 1).indices(0)):
+        doc = tokens[offsets[i] : offsets[i + 1]][:T].tolist()
+        n = len(doc)
+        assert batch["input_ids"][k].tolist() == [pad] * (T - n) + doc
+        assert batch["attention_mask"][k].tolist() == [0] * (T - n) + [1] * n
+        assert batch["labels"][k].tolist() == [-100] * (T - n) + doc
+    assert (batch["attention_mask"] == 0).any()  # some stories are shorter than T ... and
+    assert (batch["attention_mask"].sum(1) == T).any()  # ... some were truncated to T
+
+
+def test_random_source_follows_the_contract_with_uneven_padding():
+    cfg = load_config(None, ["--data.source=random", "--data.mode=padded", "--model.vocab_size=50",
+                             f"--train.seq_len={T}", "--train.batch_size=4"])
+    one = build_data(cfg, 0, 1)
+    assert one.tokenizer is None and one.identity["source"] == "random" and one.vocab_size == 50
+    batches = [next(one.train) for _ in range(3)]
+    assert all(b["input_ids"].max() < 50 for b in batches)
+    valid = [int((b["labels"] != -100).sum()) for b in batches]
+    assert len(set(valid)) > 1  # micro-batches hold different numbers of valid tokens
+    cfg2 = load_config(None, ["--data.source=random", "--data.mode=padded", "--model.vocab_size=50",
+                              f"--train.seq_len={T}", "--train.batch_size=2"])
+    two = [build_data(cfg2, r, 2).train for r in range(2)]
+    again = [torch.cat([next(two[0])["input_ids"], next(two[1])["input_ids"]]) for _ in range(3)]
+    assert all(torch.equal(a, b["input_ids"]) for a, b in zip(again, batches))
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_val_set_union_is_the_same_across_world_sizes(dataset, mode):
+    one = build_data(config(dataset, "--train.batch_size=4", f"--data.mode={mode}"), 0, 1).val_batches()
+    two = [build_data(config(dataset, "--train.batch_size=2", f"--data.mode={mode}"), r, 2).val_batches() for r in range(2)]
+    assert len(one) == len(two[0]) == len(two[1]) == 3
+    for k in range(3):
+        assert rows([one[k]]) == rows([two[0][k], two[1][k]])
+    assert one[0]["input_ids"].shape == (4, T)
+
+
+def test_small_val_split_is_shortened_with_a_note(dataset):
+    data = build_data(config(dataset, "--train.batch_size=16", "--train.eval_steps=50", "--data.mode=padded"), 0, 1)
+    n_val = build_data(config(dataset, "--data.mode=padded"), 0, 1)._val_samples.split.num_documents
+    assert len(data.val_batches()) == max(1, n_val // 16) and data.notes and "evaluating" in data.notes[0]
+
+
+def test_build_errors_are_one_line(dataset, tmp_path):
+    with pytest.raises(DataError, match="does not exist; make it with"):
+        build_data(config(tmp_path / "nowhere"), 0, 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        build_data(config(tmp_path / "empty"), 0, 1)
+    with pytest.raises(DataError, match="set --model.vocab_size=400"):
+        build_data(config(dataset, "--model.vocab_size=300"), 0, 1)
+    with pytest.raises(DataError, match="fewer than one optimizer step needs"):
+        build_data(config(dataset, "--train.batch_size=3000"), 0, 1)
+
+
+def test_unigram_entropy_matches_a_hand_computation(dataset):
+    tokens = np.fromfile(dataset / "val.bin", dtype=np.uint16)
+    p = np.bincount(tokens) / len(tokens)
+    p = p[p > 0]
+    assert unigram_entropy(dataset, "val") == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-9)
+    assert 0 < unigram_entropy(dataset) < np.log(400)

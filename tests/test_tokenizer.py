@@ -1,0 +1,73 @@
+"""Tokenizer: deterministic training, fixed special ids, byte fallback, loading foreign models."""
+
+import io
+
+import pytest
+import sentencepiece as spm
+
+from nanotrain.stories import generate_stories
+from nanotrain.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return generate_stories(200, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return Tokenizer.train(corpus, 400)
+
+
+def test_training_is_deterministic_and_ids_are_fixed(corpus, tok):
+    again = Tokenizer.train(corpus, 400)
+    assert again.model_bytes == tok.model_bytes and again.sha256 == tok.sha256
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (UNK_ID, BOS_ID, EOS_ID, PAD_ID) == (0, 1, 2, 3)
+    assert tok.vocab_size == 400 and tok.has_pad
+
+
+@pytest.mark.parametrize("text", ["Lily found a red ball.", "Zebra café 東京 🎉🐉 ÆØÅ", "  two  spaces\nnew line\ttab"])
+def test_round_trip_including_characters_never_seen_in_training(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert UNK_ID not in ids  # byte fallback: nothing becomes <unk>
+
+
+def test_unseen_characters_use_byte_pieces(tok):
+    pieces = [tok.processor.id_to_piece(i) for i in tok.encode("🐉")]
+    assert pieces[-4:] == ["<0xF0>", "<0x9F>", "<0x90>", "<0x89>"]  # the 4 UTF-8 bytes of U+1F409
+
+
+def test_encode_batch_matches_encode_and_adds_bos_eos(tok, corpus):
+    texts = corpus[:5]
+    assert tok.encode_batch(texts, bos=True, eos=True) == [tok.encode(t, bos=True, eos=True) for t in texts]
+    assert tok.encode("hi", bos=True, eos=True)[0] == BOS_ID and tok.encode("hi", eos=True)[-1] == EOS_ID
+
+
+def test_load_keeps_the_file_unchanged(tok, tmp_path):
+    path = tok.save(tmp_path / "tokenizer.model")
+    loaded = Tokenizer.load(path)
+    assert loaded.sha256 == tok.sha256 and path.read_bytes() == tok.model_bytes
+    assert loaded.encode("Once upon a time") == tok.encode("Once upon a time")
+
+
+def test_model_without_pad_falls_back_to_eos(corpus, tmp_path):
+    """Llama 2's tokenizer.model has no pad piece (pad_id -1); padding then uses eos."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, pad_id=-1, minloglevel=2)
+    (tmp_path / "llama_like.model").write_bytes(model.getvalue())
+    loaded = Tokenizer.load(tmp_path / "llama_like.model")
+    assert not loaded.has_pad and loaded.pad_id == loaded.eos_id == 2
+
+
+def test_errors_are_one_line(corpus, tmp_path):
+    with pytest.raises(TokenizerError, match="too large for this data"):
+        Tokenizer.train(corpus[:3], 5000)
+    with pytest.raises(TokenizerError, match="too small"):
+        Tokenizer.train(corpus, 100)
+    with pytest.raises(TokenizerError, match="does not exist"):
+        Tokenizer.load(tmp_path / "missing.model")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(TokenizerError, match="not a sentencepiece model"):
+        Tokenizer.load(tmp_path / "junk.model")
