@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# N processes on this machine's CPU, gloo backend (a laptop, or trying DDP/FSDP without GPUs).
+#   bash launch/cpu.sh [N] [--section.key=value ...]          N defaults to 2
+#   bash launch/cpu.sh 2 --parallel.strategy=fsdp --train.max_steps=50
+set -euo pipefail
+NPROC=2
+if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
+  NPROC=$1; shift
+fi
+# one thread per process unless told otherwise, so N processes share the cores instead of fighting
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec torchrun --standalone --nproc_per_node="$NPROC" -m nanotrain.train --train.device=cpu "$@"

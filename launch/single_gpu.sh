@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# One process on one GPU (the first visible one unless CUDA_VISIBLE_DEVICES says otherwise).
+# Extra arguments go to nanotrain.train, e.g.:
+#   bash launch/single_gpu.sh --config tinystories-20m --train.precision=bf16
+set -euo pipefail
+exec torchrun --standalone --nproc_per_node=1 -m nanotrain.train --train.device=cuda "$@"

@@ -1,0 +1,215 @@
+"""Process group set-up and `parallelize`: the only place that knows about DDP and FSDP.
+
+Like torchtitan's parallelize step, the model arrives here plain (model.py knows nothing of
+distribution) and leaves wrapped, in this order: activation checkpointing, compile, then
+data parallelism (DDP, or FSDP2's `fully_shard` per block and at the root).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from nanotrain.config import Config, ConfigError
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    strategy: str  # "none" | "ddp" | "fsdp", resolved from parallel.strategy
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process prints and writes files."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process started by torchrun (or any launcher that sets its variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """One device per local rank; "auto" takes CUDA when present."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is visible; use --train.device=cpu")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        count = torch.cuda.device_count()
+        # A launcher that sets CUDA_VISIBLE_DEVICES per process leaves each one a single device,
+        # cuda:0. Otherwise LOCAL_RANK picks the device, and two ranks must never share one.
+        if count > 1 and local_rank >= count:
+            raise ConfigError(
+                f"LOCAL_RANK {local_rank} but only {count} CUDA devices are visible; "
+                f"launch at most {count} processes per node (--nproc_per_node={count})"
+            )
+        return torch.device("cuda", local_rank if count > 1 else 0)
+    return torch.device("cpu")
+
+
+def resolve_strategy(strategy: str, world_size: int) -> str:
+    """parallel.strategy made concrete: "auto" is ddp for several processes, none for one."""
+    if strategy == "auto":
+        return "ddp" if world_size > 1 else "none"
+    if strategy == "none" and world_size > 1:
+        raise ConfigError(
+            f"parallel.strategy = 'none' with {world_size} processes would train {world_size} "
+            "separate copies; use ddp or fsdp, or launch one process"
+        )
+    return strategy
+
+
+def restart_safe_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """torchrun's key-value store, with keys namespaced by restart attempt.
+
+    After `torchrun --max-restarts` restarts a job, the agent's store still holds the previous
+    attempt's keys, gloo's peer addresses among them; a restarted rank can read a dead peer's
+    address and fail to connect (seen with torch 2.13). A prefix per attempt keeps them apart.
+    """
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True",
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"nanotrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def init(cfg: Config) -> DistEnv:
+    """Join the process group torchrun described in the environment (if any).
+
+    The backend is NCCL on CUDA and gloo on CPU. The collective timeout is set from
+    `parallel.timeout_s`, so a rank stuck waiting on a dead peer fails instead of hanging.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    strategy = resolve_strategy(cfg.parallel.strategy, world_size)
+    if strategy != "none" and not launched_by_torchrun():
+        raise ConfigError(
+            f"parallel.strategy = '{strategy}' needs a process group: launch with "
+            "torchrun --nproc_per_node=N -m nanotrain.train"
+        )
+    device = pick_device(cfg.train.device, local_rank)
+    if launched_by_torchrun() and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            store=restart_safe_store(rank, world_size, timeout),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            # binds the NCCL communicator to this rank's GPU now, not at the first collective
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistEnv(rank, local_rank, world_size, device, strategy)
+
+
+@contextmanager
+def process_group(cfg: Config):
+    """`init(cfg)` for the length of one run; yields the DistEnv.
+
+    A group joined here is destroyed when the run returns. A group the caller set up already
+    (a script or test running several jobs in one process) is left to the caller.
+    On an exception nothing is torn down: the peers may be blocked in a collective with this
+    rank, and destroying the group (NCCL's in particular) can wait on them. The exception
+    propagates, the process exits non-zero, and torchrun stops the other ranks; a rank that is
+    not stopped fails its pending collective after `parallel.timeout_s`.
+    """
+    joins_here = launched_by_torchrun() and not dist.is_initialized()
+    env = init(cfg)
+    yield env
+    if joins_here:
+        dist.destroy_process_group()
+
+
+def record_errors(main):
+    """Decorate a torchrun entry point so a rank's uncaught exception reaches torchrun's summary.
+
+    Without it the job summary says only "exitcode 1, To enable traceback see ..."; with it,
+    the "Root Cause" section shows the failing rank's exception and traceback.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(main)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks in place (a no-op in a single process)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def parallelize(model: nn.Module, cfg: Config, env: DistEnv, param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Apply activation checkpointing, compile and data parallelism to a plain model.
+
+    `param_dtype` (bf16/fp16) makes FSDP compute in low precision with fp32 gradient
+    reduction; the other strategies get their low precision from autocast instead.
+    """
+    model.to(env.device)
+    if cfg.model.activation_checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, block in enumerate(model.blocks):
+            # The wrapper strips its own prefix from state_dict keys, so checkpoints keep clean names.
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+    if cfg.train.compile:
+        for block in model.blocks:
+            block.compile()  # in place: parameter names gain no "_orig_mod." prefix
+
+    if env.strategy == "ddp":
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+    if env.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        reshard = cfg.parallel.reshard_after_forward
+        for block in model.blocks:
+            fully_shard(block, reshard_after_forward=reshard, mp_policy=mp_policy)
+        # The root holds the embeddings, final norm and head (and a tied embedding/head weight,
+        # which must live in one FSDP group; the root is that group).
+        fully_shard(model, reshard_after_forward=reshard, mp_policy=mp_policy)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain Transformer inside a DDP wrapper (FSDP2 shards the module in place)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps that are not the last.
+
+    DDP's `no_sync` must cover forward and backward; FSDP2 uses `set_requires_gradient_sync`.
+    """
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 module
+        model.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        with nullcontext() if enabled or not isinstance(model, DistributedDataParallel) else model.no_sync():
+            yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (0 = measure only) and return it as a plain tensor.
+
+    Under FSDP the gradients are sharded DTensors and so is the norm; it is made whole here
+    so the loop sees the same number whatever the strategy.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

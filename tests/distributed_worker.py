@@ -1,0 +1,87 @@
+"""One torchrun rank for tests/test_distributed.py (run it through torchrun, not pytest).
+
+    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py layouts SPEC.json OUT_DIR
+        Joins the process group once, then for each {"name", "overrides"} in SPEC.json runs
+        nanotrain.train.train() and has rank 0 save {losses, val_losses, state} to OUT_DIR/name.pt,
+        state being the full (gathered, unwrapped) parameters. Runs whose name starts with "init-"
+        save the parallelized model's parameters before any step instead of training.
+    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py raise OVERRIDE ...
+        The real entry point `nanotrain.train.main`, except that rank 1's third training
+        micro-batch raises: the job must end promptly with that error shown.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+import nanotrain.train
+from nanotrain import distributed
+from nanotrain.config import load_config
+from nanotrain.model import build_model
+
+INJECTED_ERROR = "injected failure on rank 1 at micro-batch 3"
+
+
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter whole, with clean names, on rank 0 (a collective under FSDP)."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {name: tensor.clone() for name, tensor in get_model_state_dict(model, options=options).items()}
+
+
+def run_layouts(spec_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo")  # held across runs: train() leaves a caller's group alone
+    for run in json.loads(Path(spec_file).read_text()):
+        cfg = load_config(None, run["overrides"])
+        if run["name"].startswith("init-"):
+            env = distributed.init(cfg)
+            model = distributed.parallelize(build_model(cfg.model, seed=cfg.train.seed), cfg, env)
+            record = {"state": full_state(model)}
+        else:
+            result = nanotrain.train.train(cfg)
+            record = {"losses": result.losses, "val_losses": result.val_losses, "state": full_state(result.model)}
+        if dist.get_rank() == 0:
+            torch.save(record, Path(out_dir) / f"{run['name']}.pt")
+    dist.destroy_process_group()
+
+
+def raise_on_rank_1(overrides: list[str]) -> None:
+    real_build_data = nanotrain.train.build_data
+
+    def build_data_that_fails(cfg, rank, world_size):
+        data = real_build_data(cfg, rank, world_size)
+        if rank == 1:
+            batches = data.train
+
+            class FailingBatches:
+                def __iter__(self):
+                    return self
+
+                def __next__(self):
+                    if batches.micro_batches == 2:
+                        raise RuntimeError(INJECTED_ERROR)
+                    return next(batches)
+
+                def __getattr__(self, name):  # state_dict() and friends for the checkpointer
+                    return getattr(batches, name)
+
+            data.train = FailingBatches()
+        return data
+
+    nanotrain.train.build_data = build_data_that_fails
+    nanotrain.train.main(overrides)
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "layouts":
+        run_layouts(*args)
+    elif mode == "raise":
+        raise_on_rank_1(args)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: use 'layouts' or 'raise'")
