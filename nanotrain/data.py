@@ -265,6 +265,11 @@ class Data:
     _val_samples: object = None
     _val_positions: list[list[int]] = field(default_factory=list)
 
+    @property
+    def has_val(self) -> bool:
+        """False when the val split holds no full sample (evaluation is then skipped, with a note)."""
+        return bool(self._val_positions)
+
     def val_batches(self) -> list[dict]:
         """This rank's share of the fixed evaluation set, one micro-batch per eval step ([] if none)."""
         return [collate([self._val_samples[i] for i in positions]) for positions in self._val_positions]

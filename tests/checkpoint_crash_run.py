@@ -1,0 +1,59 @@
+"""Test aid (not part of nanotrain): run nanotrain.train and SIGKILL this process at a chosen point.
+
+    CRASH_AT_STEP=N  CRASH_POINT=<point>  [CRASH_RANK=r]  python tests/checkpoint_crash_run.py ARGS...
+
+Points: "after_step" (right after the checkpoint seam of step N, outside any save) or one of the
+named steps of a save at step N, killed just before ("before_<name>") or just after ("after_<name>"):
+save_train_state, save_rank_state, write_manifest, publish, prune. Under torchrun the crash happens
+on CRASH_RANK only (default 0) and only in the first attempt (TORCHELASTIC_RESTART_COUNT = 0), so a
+restarted job runs through.
+"""
+
+import os
+import signal
+import sys
+
+from nanotrain import checkpoint
+from nanotrain.train import main
+
+CRASH_STEP = int(os.environ["CRASH_AT_STEP"])
+CRASH_POINT = os.environ.get("CRASH_POINT", "after_step")
+CRASH_HERE = (int(os.environ.get("RANK", "0")) == int(os.environ.get("CRASH_RANK", "0"))
+              and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0")
+current_step = None
+
+
+def die():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crashing(name, original):
+    def wrapper(*args, **kwargs):
+        if CRASH_HERE and current_step == CRASH_STEP and CRASH_POINT == f"before_{name}":
+            die()
+        result = original(*args, **kwargs)
+        if CRASH_HERE and current_step == CRASH_STEP and CRASH_POINT == f"after_{name}":
+            die()
+        return result
+    return wrapper
+
+
+for name in ("save_train_state", "save_rank_state", "write_manifest", "publish"):
+    setattr(checkpoint, f"_{name}", crashing(name, getattr(checkpoint, f"_{name}")))
+checkpoint.Checkpointer._prune = crashing("prune", checkpoint.Checkpointer._prune)
+original_maybe_save = checkpoint.Checkpointer.maybe_save
+
+
+def maybe_save(self, step):
+    global current_step
+    current_step = step
+    original_maybe_save(self, step)
+    if CRASH_HERE and step == CRASH_STEP and CRASH_POINT == "after_step":
+        die()
+
+
+checkpoint.Checkpointer.maybe_save = maybe_save
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

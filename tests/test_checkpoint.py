@@ -1,0 +1,359 @@
+"""Checkpointing: layout, exact resume, crash safety, corruption, safe loading, compatibility."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanotrain import build_model, checkpoint, distributed, load_config
+from nanotrain.checkpoint import CheckpointError, load_inference, save_inference, verify
+from nanotrain.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.d_ff=64",
+    "--model.vocab_size=64", "--model.max_position_embeddings=32", "--train.seq_len=16",
+    "--data.source=random", "--train.eval_every=0", "--train.log_every=1", "--train.sample_tokens=0",
+    "--optim.warmup_steps=2", "--train.lr=3e-3", "--train.max_steps=6", "--checkpoint.interval=2",
+]
+SUBPROCESS_TIMEOUT = 300  # generous: other suites share the 2 cores; a hang still ends
+
+
+def args_for(out: Path, *extra: str) -> list[str]:
+    return [*TINY, f"--train.out_dir={out}", *extra]
+
+
+def run_here(out: Path, *extra: str):
+    # on_preempt off in-process: pytest's own SIGINT handler stays in charge
+    return train(load_config(None, args_for(out, "--train.batch_size=4", "--checkpoint.on_preempt=false", *extra)))
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def run_cli(cmd: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command in its own process group, so a timeout also ends torchrun's workers."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**subprocess_env(), **(env_extra or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... timed out; last output:\n{stdout[-1500:]}\n{stderr[-1500:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def torchrun(args: list[str], script: list[str] | None = None, restarts: int = 0, env_extra: dict | None = None):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           f"--max-restarts={restarts}", *(script or ["-m", "nanotrain.train"]), *args]
+    result = run_cli(cmd, {"OMP_NUM_THREADS": "1", **(env_extra or {})})
+    return result
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def weights(out: Path, step: int = 6) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, exact: bool = True):
+    la, lb = losses(a), losses(b)
+    assert la.keys() == lb.keys() == set(range(1, 7))
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    if exact:
+        assert la == lb
+        for name in wa:
+            assert torch.equal(wa[name], wb[name]), name
+    else:
+        for step in la:
+            assert la[step] == pytest.approx(lb[step], rel=1e-5, abs=1e-6)
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """6 uninterrupted steps in one process, with dropout so RNG state matters; checkpoints 2, 4, 6."""
+    out = tmp_path_factory.mktemp("single")
+    run_here(out, "--model.dropout=0.1")
+    return out
+
+
+# ---- layout and inference checkpoints ------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_inference_roundtrip_and_layout(tmp_path, tied):
+    cfg = load_config(None, TINY + [f"--model.tie_embeddings={tied}"])
+    model = build_model(cfg.model, seed=3)
+    path = save_inference(tmp_path / "ckpt", model.state_dict(), cfg)
+    stored = load_file(path / "model.safetensors")  # readable with safetensors alone
+    assert ("lm_head.weight" in stored) is not tied  # a tied head is stored once
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in stored)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "config.toml"}
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+    loaded, loaded_cfg, tokenizer = load_inference(path)
+    assert tokenizer is None and loaded_cfg.model == cfg.model
+    assert (loaded.lm_head.weight is loaded.tok_embeddings.weight) is tied
+    ids = torch.randint(0, 64, (2, 8))
+    assert torch.equal(loaded(ids)[0], model.eval()(ids)[0])
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_inference(path, model.state_dict(), cfg)
+
+
+def test_training_checkpoint_contents(single):
+    ckpt = single / "checkpoints" / "step_00000006"
+    manifest = verify(ckpt, kind="training")
+    assert manifest["step"] == 6 and manifest["kind"] == "training"
+    assert {"model.safetensors", "config.toml", "trainer_state.json", "rank_00000.pt",
+            "train_state/.metadata"} <= set(manifest["files"])
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["tokens_seen"] == 6 * 4 * 16 and state["loader"]["samples_consumed"] == 24
+    rank_state = torch.load(ckpt / "rank_00000.pt", weights_only=True)
+    assert {"python", "numpy_keys", "torch"} <= set(rank_state["rng"])
+    assert sorted(p.name for p in (single / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in (2, 4, 6)]
+
+
+# ---- exact resume after SIGKILL, including kills in the middle of a save ---------------------------
+
+KILL_POINTS = {  # point -> (step, checkpoint that resume=auto must pick)
+    "after_step": (5, 4),             # killed between checkpoints
+    "before_publish": (4, 2),         # inside the save: all files and manifest written, not yet renamed
+    "before_prune": (4, 4),           # new checkpoint in place, old ones not yet deleted
+}
+
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory):
+    """Start every SIGKILLed run at once (they are independent), so the suite waits for them only once."""
+    root = tmp_path_factory.mktemp("killed")
+    procs = {}
+    for point, (step, _) in KILL_POINTS.items():
+        cmd = [sys.executable, "tests/checkpoint_crash_run.py", *args_for(root / point, "--train.batch_size=4", "--model.dropout=0.1")]
+        env = {**subprocess_env(), "CRASH_AT_STEP": str(step), "CRASH_POINT": point, "OMP_NUM_THREADS": "1"}
+        procs[point] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for point, proc in procs.items():
+        _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+        assert proc.returncode == -signal.SIGKILL, f"{point}: {stderr[-2000:]}"
+    return root
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_sigkill_then_resume_is_bit_exact(killed_runs, single, point):
+    out = killed_runs / point
+    assert [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")][0] == KILL_POINTS[point][1]
+    run_here(out, "--model.dropout=0.1")
+    assert not list((out / "checkpoints").glob("*.tmp-*"))  # the killed save's leftovers are gone
+    assert_same_run(single, out)
+
+
+def test_preemption_signal_saves_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nanotrain.train", *args_for(out, "--train.batch_size=4", "--train.max_steps=100000",
+                                                               "--checkpoint.interval=0")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + SUBPROCESS_TIMEOUT
+        while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "preemption signal received" in stdout
+    (saved, path), = checkpoint.list_checkpoints(out / "checkpoints")
+    assert saved == max(losses(out)) and verify(path, kind="training")["step"] == saved
+
+
+# ---- corruption, fallback, unsafe files ----------------------------------------------------------
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_checkpoint_is_named_and_auto_falls_back(tmp_path, single, capsys):
+    out = copy_run(single, tmp_path / "run")
+    newest = out / "checkpoints" / "step_00000006"
+    shard = next((newest / "train_state").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"file train_state/{shard.name} is corrupted"):
+        verify(newest)
+    middle = out / "checkpoints" / "step_00000004" / "model.safetensors"
+    middle.write_bytes(middle.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="file model.safetensors is truncated"):
+        verify(middle.parent)
+
+    with pytest.raises(CheckpointError, match="is corrupted"):  # an explicit path never falls back
+        run_here(out, "--model.dropout=0.1", f"--checkpoint.resume={newest}")
+    capsys.readouterr()
+    run_here(out, "--model.dropout=0.1", "--train.max_steps=6")
+    log = capsys.readouterr().out
+    assert "skipping unusable checkpoint" in log and "falling back" in log
+    assert "resumed from" in log and "step_00000002 at step 2" in log
+    assert_same_run(single, out)
+
+
+def test_malicious_pickle_is_refused_without_running(tmp_path, single):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    for victim in ("rank_00000.pt", "train_state/.metadata"):
+        out = copy_run(single, tmp_path / victim.replace("/", "_"))
+        ckpt = out / "checkpoints" / "step_00000006"
+        (ckpt / victim).write_bytes(pickle.dumps(Payload()))
+        checkpoint._write_manifest(ckpt, 6, "training")  # the attacker rewrote the manifest too
+        with pytest.raises(CheckpointError, match="refusing to load"):
+            run_here(out, f"--checkpoint.resume={ckpt}")
+        assert not marker.exists()
+
+
+def test_incompatible_resume_is_refused_and_allowed_changes_are_logged(tmp_path, single, capsys):
+    ckpt = single / "checkpoints" / "step_00000004"
+    for change, named in [("--model.d_model=64", "model.d_model is 32 there but 64 now"),
+                          ("--train.seq_len=8", "train.seq_len"),
+                          ("--train.batch_size=2", "global batch"),
+                          ("--train.seed=7", "train.seed")]:
+        with pytest.raises(CheckpointError, match=named):
+            run_here(tmp_path / "new", f"--checkpoint.resume={ckpt}", "--model.dropout=0.1", change)
+    capsys.readouterr()
+    result = run_here(tmp_path / "new", f"--checkpoint.resume={ckpt}", "--model.dropout=0.1",
+                      "--train.max_steps=7", "--train.lr=1e-3")
+    log = capsys.readouterr().out
+    assert "train.max_steps changed from 6 to 7" in log and "train.lr changed from 0.003 to 0.001" in log
+    assert set(result.losses) == {5, 6, 7}
+
+
+def test_weights_only_checkpoint_cannot_resume(tmp_path):
+    cfg = load_config(None, TINY)
+    path = save_inference(tmp_path / "w", build_model(cfg.model).state_dict(), cfg)
+    with pytest.raises(CheckpointError, match="cannot resume training"):
+        run_here(tmp_path / "run", f"--checkpoint.resume={path}")
+
+
+# ---- non-finite steps ----------------------------------------------------------------------------
+
+def nan_at(monkeypatch, bad_step: int):
+    real, calls = distributed.clip_grad_norm, []
+
+    def clip(model, max_norm):
+        calls.append(1)
+        norm = real(model, max_norm)
+        return torch.full_like(norm, float("nan")) if len(calls) == bad_step else norm
+
+    monkeypatch.setattr(distributed, "clip_grad_norm", clip)
+
+
+def test_nonfinite_stop_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    nan_at(monkeypatch, 5)
+    with pytest.raises(Exception, match="non-finite"):
+        run_here(tmp_path / "run")
+    steps = [s for s, _ in checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert steps == [4, 2]
+    verify(tmp_path / "run" / "checkpoints" / "step_00000004", kind="training")
+
+
+def test_nonfinite_skip_is_counted_in_the_checkpoint(tmp_path, monkeypatch):
+    nan_at(monkeypatch, 3)
+    run_here(tmp_path / "run", "--train.on_nonfinite=skip")
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 1 and state["step"] == 6
+
+
+# ---- two processes: DDP and FSDP over gloo, torchrun restarts, resharding -----------------------------
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    result = torchrun(args_for(out, "--train.batch_size=2", "--model.dropout=0.1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    result = torchrun(args_for(out, "--train.batch_size=2", "--parallel.strategy=fsdp"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_torchrun_restart_resumes_ddp_bit_exact(tmp_path, ddp_reference):
+    """Rank 1 is SIGKILLed after step 5; torchrun restarts the job, which resumes from step 4 by itself."""
+    out = tmp_path / "run"
+    result = torchrun(args_for(out, "--train.batch_size=2", "--model.dropout=0.1"),
+                      script=["tests/checkpoint_crash_run.py"], restarts=1,
+                      env_extra={"CRASH_AT_STEP": "5", "CRASH_RANK": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step_00000004 at step 4" in result.stdout
+    assert_same_run(ddp_reference, out)
+
+
+def test_fsdp_resume_bit_exact(tmp_path, fsdp_reference):
+    out = tmp_path / "run"
+    ckpt = fsdp_reference / "checkpoints" / "step_00000004"
+    result = torchrun(args_for(out, "--train.batch_size=2", "--parallel.strategy=fsdp", f"--checkpoint.resume={ckpt}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ref = {s: v for s, v in losses(fsdp_reference).items() if s > 4}
+    assert losses(out) == ref
+    for name, tensor in weights(fsdp_reference).items():
+        assert torch.equal(weights(out)[name], tensor), name
+
+
+def test_fsdp_two_ranks_resume_in_one_process(tmp_path, fsdp_reference):
+    out = tmp_path / "run"
+    ckpt = fsdp_reference / "checkpoints" / "step_00000004"
+    result = run_here(out, f"--checkpoint.resume={ckpt}")
+    ref = losses(fsdp_reference)
+    assert set(result.losses) == {5, 6}
+    for step, loss in result.losses.items():
+        assert loss == pytest.approx(ref[step], rel=1e-5)
+    for name, tensor in weights(fsdp_reference).items():
+        torch.testing.assert_close(weights(out)[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_one_process_resume_on_two_fsdp_ranks(tmp_path, fsdp_reference):
+    source = tmp_path / "single"
+    run_here(source, "--train.max_steps=6")  # same config as the FSDP reference, one process
+    out = tmp_path / "run"
+    ckpt = source / "checkpoints" / "step_00000004"
+    result = torchrun(args_for(out, "--train.batch_size=2", "--parallel.strategy=fsdp", f"--checkpoint.resume={ckpt}"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "saved by 1 process(es), now 2" in result.stdout
+    ref = losses(fsdp_reference)
+    for step, loss in losses(out).items():
+        assert loss == pytest.approx(ref[step], rel=1e-5)
+    for name, tensor in weights(fsdp_reference).items():
+        torch.testing.assert_close(weights(out)[name], tensor, rtol=1e-4, atol=1e-6)
