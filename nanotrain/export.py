@@ -1,0 +1,340 @@
+"""Export to, and import from, Hugging Face's Llama format.
+
+    python -m nanotrain.export --checkpoint CKPT --format hf --out DIR         # nanotrain -> HF
+    python -m nanotrain.export --hf DIR --format nanotrain --out CKPT         # HF -> nanotrain
+
+Export writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads as
+`LlamaForCausalLM`: config.json, model.safetensors (HF parameter names, fp32), the tokenizer
+(tokenizer.model + tokenizer_config.json naming LlamaTokenizer) and generation_config.json.
+Parameter names are translated by model.py's `hf_llama_name` / `nanotrain_name_from_hf`, the
+one table shared with the parity tests; the weights need no permutation because nanotrain's
+RoPE already uses HF's rotate-halves layout. Only the llama flavour has an HF counterpart.
+
+Import reads such a directory (made by nanotrain or by anyone else: Llama 2, TinyLlama, ...),
+refuses what the llama flavour cannot express (rope scaling, biases, other activations), and
+writes a nanotrain checkpoint directory that `nanotrain.generate` and `nanotrain.evaluate`
+read and that training starts from with `--train.init_from=CKPT`.
+
+Both directions write into a temporary directory renamed into place when complete, so an
+interrupted run never leaves an output that looks usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanotrain.config import Config, ConfigError, ModelConfig, validate
+from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.model import build_model, hf_llama_name, nanotrain_name_from_hf
+
+
+class ExportError(NanotrainError):
+    """An export or import that cannot be done, in one line that says why."""
+
+
+# ---- nanotrain -> Hugging Face -----------------------------------------------------------------
+
+def hf_config(model_cfg: ModelConfig, tokenizer=None) -> dict:
+    """The config.json of a LlamaForCausalLM equal to a llama-flavour model.
+
+    `rope_theta` and `rope_scaling` are the long-standing keys every transformers version reads
+    (version 5 folds them into `rope_parameters` on load).
+    """
+    special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if tokenizer is not None:
+        special = {"bos_token_id": tokenizer.bos_id if tokenizer.bos_id >= 0 else None,
+                   "eos_token_id": tokenizer.eos_id,
+                   "pad_token_id": tokenizer.pad_id if tokenizer.has_pad else None}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": model_cfg.vocab_size,
+        "hidden_size": model_cfg.d_model,
+        "intermediate_size": model_cfg.d_ff,
+        "num_hidden_layers": model_cfg.n_layers,
+        "num_attention_heads": model_cfg.n_heads,
+        "num_key_value_heads": model_cfg.kv_heads,
+        "head_dim": model_cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model_cfg.max_position_embeddings,
+        "rms_norm_eps": model_cfg.norm_eps,
+        "rope_theta": model_cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "initializer_range": model_cfg.init_std,
+        "tie_word_embeddings": model_cfg.tie_embeddings,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        **special,
+    }
+
+
+def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json for a sentencepiece tokenizer.model."""
+    def piece(token_id: int):
+        return tokenizer.processor.id_to_piece(token_id) if token_id >= 0 else None
+
+    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
+               "unk_token": piece(tokenizer.unk_id), "pad_token": piece(tokenizer.pad_id) if tokenizer.has_pad else None}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": tokenizer.bos_id >= 0,  # nanotrain's documents start with BOS
+        "add_eos_token": False,
+        "model_max_length": max_len,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        **special,
+    }
+    return {"tokenizer_config.json": config,
+            "special_tokens_map.json": {k: v for k, v in special.items() if v is not None}}
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's weights under LlamaForCausalLM names; a tied head is stored once, as HF does."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # HF re-ties lm_head to embed_tokens on load
+        state[hf_llama_name(name)] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return state
+
+
+def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write checkpoint `checkpoint` as a Hugging Face LlamaForCausalLM directory `out`."""
+    from nanotrain.checkpoint import load_inference
+
+    out = _check_out(out)
+    model, cfg, tokenizer = load_inference(checkpoint, device="cpu")
+    if cfg.model.flavour != "llama":
+        raise ExportError(
+            "the gpt flavour has no LlamaForCausalLM equivalent (learned position embeddings, LayerNorm, "
+            "GELU MLP and biases instead of RoPE, RMSNorm and SwiGLU); only llama checkpoints export to HF"
+        )
+
+    def write(temp: Path) -> None:
+        save_file(hf_state_dict(model), temp / "model.safetensors", metadata={"format": "pt"})
+        _write_json(temp / "config.json", hf_config(cfg.model, tokenizer))
+        generation = {"_from_model_config": False}
+        generation.update({k: v for k, v in hf_config(cfg.model, tokenizer).items() if k.endswith("_token_id")})
+        _write_json(temp / "generation_config.json", generation)
+        if tokenizer is not None:
+            tokenizer.save(temp / "tokenizer.model")
+            for name, content in tokenizer_files(tokenizer, cfg.model.max_position_embeddings).items():
+                _write_json(temp / name, content)
+
+    return _publish(out, write)
+
+
+# ---- Hugging Face -> nanotrain -----------------------------------------------------------------
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """The llama-flavour ModelConfig of an HF Llama config.json, refusing what it cannot express."""
+    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
+        raise ExportError(
+            f"config.json describes model_type '{hf.get('model_type')}', architectures {hf.get('architectures')}; "
+            "only Llama (LlamaForCausalLM) directories can be imported"
+        )
+    rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+    scaling = hf.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
+    refusals = {
+        "rope_scaling": scaling or None,
+        "attention_bias": hf.get("attention_bias", False) or None,
+        "mlp_bias": hf.get("mlp_bias", False) or None,
+        "hidden_act": None if hf.get("hidden_act", "silu") == "silu" else hf.get("hidden_act"),
+    }
+    for key, value in refusals.items():
+        if value is not None:
+            raise ExportError(f"config.json sets {key} = {value!r}, which nanotrain's llama flavour does not "
+                              "implement (it has plain RoPE, no biases, SiLU); this model cannot be imported exactly")
+    n_heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    if head_dim * n_heads != hf["hidden_size"]:
+        raise ExportError(f"config.json has head_dim {head_dim} x {n_heads} heads != hidden_size {hf['hidden_size']}; "
+                          "nanotrain requires head_dim = hidden_size / num_attention_heads")
+    return ModelConfig(
+        flavour="llama",
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        d_model=hf["hidden_size"],
+        d_ff=hf["intermediate_size"],
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+
+
+def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the directory's *.safetensors files (one file or shards), as fp32."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in directory.glob("*.bin")]
+        hint = (f" (found {', '.join(pickled)}: pickled weights are not loaded; convert them to safetensors "
+                "with transformers' save_pretrained(..., safe_serialization=True))") if pickled else ""
+        raise ExportError(f"'{directory}' holds no *.safetensors weights{hint}")
+    tensors = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key).to(torch.float32)
+    return tensors
+
+
+def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Write the HF Llama directory `hf_dir` as a nanotrain checkpoint directory `out`."""
+    from nanotrain.checkpoint import save_inference
+    from nanotrain.tokenizer import Tokenizer, TokenizerError
+
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ExportError(f"'{hf_dir}' has no config.json; pass a Hugging Face model directory with --hf")
+    out = _check_out(out)
+    try:
+        hf = json.loads((hf_dir / "config.json").read_text())
+        model_cfg = model_config_from_hf(hf)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ExportError(f"'{hf_dir / 'config.json'}' is not a readable Llama config ({e!r})") from None
+
+    tokenizer, tokenizer_path = None, hf_dir / "tokenizer.model"
+    if tokenizer_path.is_file():
+        try:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        except TokenizerError as e:
+            raise ExportError(str(e)) from None
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise ExportError(f"tokenizer.model has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                              f"{model_cfg.vocab_size}; they do not belong together")
+
+    cfg = Config(model=model_cfg)
+    cfg.train.seq_len = min(cfg.train.seq_len, model_cfg.max_position_embeddings)
+    if tokenizer is None:
+        cfg.data.source = "random"  # the layout's convention: no tokenizer.model <=> random tokens
+    cfg.data.stories_vocab_size = min(cfg.data.stories_vocab_size, model_cfg.vocab_size)
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ExportError(f"the imported model does not form a valid nanotrain config: {e}") from None
+
+    model = build_model(model_cfg)
+    state = {}
+    for hf_name, tensor in read_hf_weights(hf_dir).items():
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer some old checkpoints saved; nanotrain computes it from rope_theta
+        try:
+            state[nanotrain_name_from_hf(hf_name)] = tensor
+        except KeyError as e:
+            raise ExportError(f"weights: {e.args[0]}; is this a plain LlamaForCausalLM?") from None
+    if model_cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the tied head is the embedding table
+        state["lm_head.weight"] = state.get("tok_embeddings.weight")
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if state.get(k) is None)
+    if missing:
+        raise ExportError(f"the safetensors files lack {len(missing)} weights of this config, e.g. "
+                          f"'{hf_llama_name(missing[0])}'")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise ExportError(f"weight '{hf_llama_name(name)}' has shape {tuple(tensor.shape)}, config.json "
+                              f"implies {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=True)
+    return save_inference(out, model.state_dict(), cfg, tokenizer_path if tokenizer is not None else None)
+
+
+# ---- starting training from imported (or any) weights: train.init_from ------------------------
+
+def load_pretrained(model, model_cfg: ModelConfig, checkpoint: str | Path) -> None:
+    """Load the weights of checkpoint directory `checkpoint` into a freshly built `model`.
+
+    The checkpoint's model section must equal `model_cfg` (apart from dropout, init_std and
+    activation checkpointing, which do not change the weights' shape or function).
+    """
+    from nanotrain.checkpoint import CONFIG, read_weights, verify
+    from nanotrain.config import load_config
+
+    path = Path(checkpoint)
+    try:
+        verify(path)
+        saved = load_config(str(path / CONFIG))
+    except NanotrainError as e:
+        raise ExportError(f"train.init_from: {e}") from None
+    free = {"dropout", "init_std", "activation_checkpointing"}
+    for key, value in vars(saved.model).items():
+        if key not in free and getattr(model_cfg, key) != value:
+            raise ExportError(f"train.init_from '{path}' has model.{key} = {value!r} but this run sets "
+                              f"{getattr(model_cfg, key)!r}; use --config {path / CONFIG} or match it")
+    model.load_state_dict(read_weights(path, saved), strict=True)
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+
+def _check_out(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists():
+        raise ExportError(f"output '{out}' already exists; choose a new --out or delete it first")
+    return out
+
+
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _publish(out: Path, write) -> Path:
+    """Run write(temp_dir), then rename temp_dir to `out`; nothing named `out` exists until then."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir()
+    try:
+        write(temp)
+        os.rename(temp, out)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nanotrain.export",
+        description="Convert between nanotrain checkpoints and Hugging Face Llama directories.",
+        epilog="export: --checkpoint CKPT --format hf --out DIR;  import: --hf DIR --format nanotrain --out CKPT",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="nanotrain checkpoint directory to export")
+    source.add_argument("--hf", help="Hugging Face Llama directory (config.json, *.safetensors) to import")
+    parser.add_argument("--format", choices=("hf", "nanotrain"),
+                        help="format to write (default: the other one: hf for --checkpoint, nanotrain for --hf)")
+    parser.add_argument("--out", required=True, help="output directory (must not exist yet)")
+    return parser
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    wanted = args.format or ("hf" if args.checkpoint else "nanotrain")
+    if args.checkpoint and wanted == "hf":
+        print(f"wrote Hugging Face LlamaForCausalLM directory {export_hf(args.checkpoint, args.out)}")
+    elif args.hf and wanted == "nanotrain":
+        print(f"wrote nanotrain checkpoint {import_hf(args.hf, args.out)}")
+    else:
+        given = "--checkpoint (a nanotrain checkpoint)" if args.checkpoint else "--hf (an HF directory)"
+        raise ExportError(f"{given} cannot be written as --format {wanted}: it already is that format")
+
+
+if __name__ == "__main__":
+    main()
