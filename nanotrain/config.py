@@ -101,6 +101,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
     compile: bool = False
+    fused_loss: bool = True  # head + cross-entropy in row chunks: no (B, T, V) logits (loss.py)
     tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation
@@ -109,6 +110,9 @@ class TrainConfig:
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look up or measure
     sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
     sample_tokens: int = 48  # tokens generated per prompt at each evaluation; 0 disables
+    # Checkpoint dir whose weights start a fresh run (e.g. one made by nanotrain.export); resume wins.
+    # Checked when used, not in validate(): a saved config must stay loadable after the dir is gone.
+    init_from: str = ""
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotrain.config import ModelConfig
-from nanotrain.loss import mean_next_token_loss
+from nanotrain.loss import fused_next_token_loss, next_token_loss
 
 
 class RMSNorm(nn.Module):
@@ -195,8 +195,15 @@ class Transformer(nn.Module):
         weight = self.lm_head.weight
         return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, kv_cache=None):
-        """input_ids (B, T) -> (logits (B, T, V), mean next-token loss or None)."""
+    def forward(self, input_ids, attention_mask=None, labels=None, kv_cache=None, *,
+                fused_loss: bool = False, loss_reduction: str = "mean"):
+        """input_ids (B, T) -> (logits (B, T, V), mean next-token loss or None).
+
+        Training options (keyword-only): `loss_reduction="sum"` returns the loss summed over
+        valid tokens instead of the mean (the train loop normalises over the whole step);
+        `fused_loss=True` (with labels) computes the head and the loss together in row chunks
+        (loss.fused_next_token_loss) and returns logits=None: no (B, T, V) tensor is made.
+        """
         cfg = self.config
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -204,6 +211,8 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"{past + T} tokens exceed model.max_position_embeddings ({cfg.max_position_embeddings})"
             )
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if kv_cache is not None and past + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} tokens; {past + T} were asked for")
         if attention_mask is not None and attention_mask.shape != (B, past + T):
@@ -231,9 +240,15 @@ class Transformer(nn.Module):
             x = block(x, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
-        loss = mean_next_token_loss(logits, labels) if labels is not None else None
-        return logits, loss
+        hidden = self.norm(x)  # (B, T, C)
+        if labels is None:
+            return self.lm_head(hidden), None  # (B, T, V)
+        if fused_loss:  # the weight is read inside forward, where FSDP has unsharded it
+            logits, (loss_sum, valid_tokens) = None, fused_next_token_loss(hidden, self.lm_head.weight, labels)
+        else:
+            logits = self.lm_head(hidden)  # (B, T, V)
+            loss_sum, valid_tokens = next_token_loss(logits, labels)
+        return logits, loss_sum if loss_reduction == "sum" else loss_sum / valid_tokens.clamp(min=1)
 
 
 def build_model(model_cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -1,0 +1,199 @@
+"""Run metrics: the metrics.jsonl writer, the console log line, and the speed figures.
+
+Every training log record carries, besides loss and lr: tokens/s (total and per rank), MFU
+(model FLOPs utilisation: achieved training FLOP/s over the device's peak), peak memory, and
+how the time since the last log step split between waiting for data and computing.
+
+The peak comes from `train.peak_tflops` when set, else from a table of known GPUs (dense,
+no sparsity), else, on CPU, from a matmul timed once per process at start (half a second).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from nanotrain.model import flops_per_token
+
+
+class MetricsLog:
+    """Appends one JSON object per record to <run dir>/metrics.jsonl (main process only)."""
+
+    def __init__(self, path: Path | None, append: bool = False):
+        self.file = open(path, "a" if append else "w") if path is not None else None
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def format_step(record: dict, max_steps: int) -> str:
+    """The one line printed every train.log_every steps."""
+    parts = [
+        f"step {record['step']:>6}/{max_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
+        f"grad norm {record['grad_norm']:.3f}", f"{record['tokens_per_sec']:,.0f} tok/s",
+    ]
+    if record.get("tokens_per_sec_per_rank", record["tokens_per_sec"]) != record["tokens_per_sec"]:
+        parts[-1] += f" ({record['tokens_per_sec_per_rank']:,.0f}/rank)"
+    if record.get("mfu_pct") is not None:
+        parts.append(f"MFU {record['mfu_pct']:.1f}%")
+    if record.get("peak_mem_gib") is not None:
+        parts.append(f"mem {record['peak_mem_gib']:.2f} GiB ({record['peak_mem_pct']:.0f}%)")
+    if "data_ms" in record:
+        parts.append(f"data {record['data_ms']:.0f} ms + compute {record['compute_ms']:.0f} ms")
+    parts += [f"elapsed {format_duration(record['elapsed_s'])}", f"eta {format_duration(record['eta_s'])}"]
+    return " | ".join(parts)
+
+
+# Dense peak TFLOP/s from NVIDIA's data sheets: (bf16/fp16 tensor core, tf32 tensor core, fp32).
+# First match wins, so the more specific names come first. Other GPUs: set train.peak_tflops.
+GPU_PEAK_TFLOPS = [
+    ("H100 NVL", (835.0, 417.5, 60.0)),
+    ("H100 PCIe", (756.0, 378.0, 51.2)),
+    ("H100", (989.4, 494.7, 66.9)),  # SXM (device name "H100 80GB HBM3")
+    ("H200 NVL", (835.0, 417.5, 60.0)),
+    ("H200", (989.4, 494.7, 66.9)),
+    ("GH200", (989.4, 494.7, 66.9)),
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.05, 183.0, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("A10G", (70.0, 35.0, 31.2)),
+    ("A10", (125.0, 62.5, 31.2)),
+    ("RTX 4090", (165.2, 82.6, 82.6)),  # bf16 with fp32 accumulate
+    ("RTX 3090", (71.0, 35.6, 35.6)),
+    ("V100", (125.0, 15.7, 15.7)),  # fp16 tensor cores; no bf16 or tf32
+    ("T4", (65.0, 8.1, 8.1)),
+]
+
+
+def gpu_peak_tflops(device_name: str, precision: str, tf32: bool) -> float | None:
+    """The table's peak for a CUDA device name and the precision its matmuls run in, or None."""
+    for key, (low_precision, tf32_peak, fp32_peak) in GPU_PEAK_TFLOPS:
+        if key in device_name:
+            if precision != "fp32":
+                return low_precision
+            return tf32_peak if tf32 else fp32_peak
+    return None
+
+
+@functools.cache  # once per process: tests and notebooks that train many times pay once
+def measure_matmul_tflops(dtype: torch.dtype = torch.float32, seconds: float = 0.5, size: int = 1024) -> float:
+    """Best matmul throughput this process reaches on CPU, in TFLOP/s (the CPU's practical peak)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: thread pool and kernel selection
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def device_peak_tflops(device: torch.device, precision: str, tf32: bool, override: float = 0.0) -> tuple[float | None, str]:
+    """(peak TFLOP/s of one device, where the figure came from) for MFU; peak None when unknown."""
+    if override > 0:
+        return override, "train.peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_tflops(name, precision, tf32)
+        if peak is None:
+            return None, f"{name} is not in metrics.GPU_PEAK_TFLOPS: set train.peak_tflops for MFU"
+        return peak, f"{name} data sheet, {precision}{' (tf32 matmuls)' if precision == 'fp32' and tf32 else ''}"
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = measure_matmul_tflops(dtype)
+    return peak, f"measured {str(dtype).removeprefix('torch.')} matmul on {torch.get_num_threads()} CPU threads"
+
+
+def peak_memory(device: torch.device) -> tuple[float | None, float | None]:
+    """(peak GiB, % of the device's memory): CUDA max allocated, or this process's peak RSS on CPU."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        used = torch.cuda.max_memory_allocated(device)
+        return used / 2**30, 100.0 * used / total
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, None
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    used = max_rss if sys.platform == "darwin" else max_rss * 1024  # bytes on macOS, KiB on Linux
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return used / 2**30, 100.0 * used / total
+
+
+class SpeedMeter:
+    """Throughput, MFU, peak memory and the data/compute split between two log steps.
+
+    Wrap the loop's batch fetching in `waiting_for_data()`; at a log step (which has already
+    synchronised with the device by reading the loss) `report()` turns the wall time since the
+    last report into the record's speed fields. Nothing here synchronises the device.
+    """
+
+    def __init__(self, device: torch.device, world_size: int, tokens_per_step: int, flops_per_token: float,
+                 peak_tflops: float | None, peak_source: str = ""):
+        self.device, self.world_size = device, world_size
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.peak_tflops, self.peak_source = peak_tflops, peak_source
+        self.data_seconds = 0.0
+
+    @classmethod
+    def for_run(cls, cfg, device: torch.device, world_size: int, tokens_per_step: int) -> "SpeedMeter":
+        """A meter for a training run: FLOPs per token from the model, the device peak looked up or measured."""
+        t = cfg.train
+        peak, source = device_peak_tflops(device, t.precision, t.tf32, t.peak_tflops)
+        return cls(device, world_size, tokens_per_step, flops_per_token(cfg.model, t.seq_len), peak, source)
+
+    def describe(self) -> str:
+        peak = f"{self.peak_tflops:.3g} TFLOP/s per device" if self.peak_tflops else "unknown"
+        return f"MFU peak {peak} ({self.peak_source}) | {self.flops_per_token / 1e6:.1f} MFLOP per token"
+
+    @contextmanager
+    def waiting_for_data(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.data_seconds += time.perf_counter() - start
+
+    def report(self, steps: int, seconds: float) -> dict:
+        """The speed fields for `steps` optimizer steps that took `seconds` of wall time."""
+        step_time = seconds / steps
+        tokens_per_sec = self.tokens_per_step / step_time
+        per_rank = tokens_per_sec / self.world_size
+        mfu = None
+        if self.peak_tflops:
+            mfu = 100.0 * per_rank * self.flops_per_token / (self.peak_tflops * 1e12)
+        memory_gib, memory_pct = peak_memory(self.device)
+        data_ms = 1000.0 * self.data_seconds / steps
+        self.data_seconds = 0.0
+        return {
+            "tokens_per_sec": tokens_per_sec,
+            "tokens_per_sec_per_rank": per_rank,
+            "mfu_pct": mfu,
+            "peak_mem_gib": memory_gib,
+            "peak_mem_pct": memory_pct,
+            "data_ms": data_ms,
+            "compute_ms": 1000.0 * step_time - data_ms,
+        }

@@ -1,0 +1,250 @@
+"""Train a language model: `python -m nanotrain.train [--config NAME] [--section.key=value ...]`.
+
+The loop reads top to bottom, nanoGPT style: set-up, then one optimizer step per iteration
+(learning rate, micro-steps with accumulation, clip, step, log, evaluate). Each feature lives
+in its own module and enters here through one named seam:
+
+    distributed.process_group / parallelize / gradient_sync   processes, DDP, FSDP, no_sync
+    precision.autocast / precision.scaler            bf16 and fp16
+    build_data(...).train                            batches in a world-size-independent order
+    next_token_loss                                  summed loss + valid-token count
+    checkpointer.restore / maybe_save                exact resume, periodic and preemption saves
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanotrain import distributed
+from nanotrain.checkpoint import Checkpointer
+from nanotrain.config import Config, describe_keys, load_config, preset_names
+from nanotrain.data import build_data
+from nanotrain.distributed import DistEnv, all_reduce_sum
+from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.export import load_pretrained
+from nanotrain.generate import sample_completions
+from nanotrain.loss import count_valid_tokens, next_token_loss
+from nanotrain.metrics import MetricsLog, SpeedMeter, format_step
+from nanotrain.model import build_model, parameter_report
+from nanotrain.optim import build_optimizer, lr_at, set_lr
+from nanotrain.precision import Precision
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands back to Python callers (tests, notebooks)."""
+
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, at log steps
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> val loss
+    model: torch.nn.Module | None = None  # the plain (unwrapped) model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    non_blocking = device.type == "cuda"  # batches come from pinned memory on CUDA
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, precision: Precision, env: DistEnv) -> float:
+    """Mean next-token loss over this rank's share of the val set, reduced over all ranks."""
+    model.eval()
+    totals = torch.zeros(2, device=env.device, dtype=torch.float64)  # (loss sum, valid tokens)
+    for batch in batches:
+        batch = to_device(batch, env.device)
+        with precision.autocast():
+            logits, _ = model(batch["input_ids"], batch.get("attention_mask"))
+        loss_sum, valid_tokens = next_token_loss(logits, batch["labels"])
+        totals += torch.stack([loss_sum.double(), valid_tokens.double()])
+    all_reduce_sum(totals)
+    model.train()
+    return (totals[0] / totals[1].clamp(min=1)).item()
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run one training job as described by `cfg` (in this process, or as one torchrun rank)."""
+    with distributed.process_group(cfg) as env:
+        return _train(cfg, env)
+
+
+def _train(cfg: Config, env: DistEnv) -> TrainResult:
+    t = cfg.train
+    log = print if env.is_main else (lambda *args, **kwargs: None)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    seed_everything(t.seed + env.rank)  # dropout differs per rank; weights come from build_model's seed
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = t.tf32
+        torch.backends.cudnn.allow_tf32 = t.tf32
+    run_dir = Path(t.out_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+    log(cfg.to_toml())
+
+    data = build_data(cfg, env.rank, env.world_size)
+    for note in data.notes:
+        log(f"note: {note}")
+    model = build_model(cfg.model, seed=t.seed)
+    if t.init_from:  # start from trained or imported weights (a resumed checkpoint still wins)
+        load_pretrained(model, cfg.model, t.init_from)
+    log(parameter_report(model))
+    precision = Precision(t.precision, env.device, env.strategy)
+    model = distributed.parallelize(model, cfg, env, precision.fsdp_param_dtype)
+    optimizer = build_optimizer(model, cfg.optim, t.lr)
+
+    tokens_per_step = t.grad_accum_steps * env.world_size * t.batch_size * t.seq_len
+    log(f"device {env.device} | strategy {env.strategy} | world size {env.world_size} | precision {precision.describe()}")
+    log(
+        f"tokens per optimizer step = {t.grad_accum_steps} accum x {env.world_size} processes "
+        f"x {t.batch_size} batch x {t.seq_len} seq = {tokens_per_step:,}"
+    )
+    speed = SpeedMeter.for_run(cfg, env.device, env.world_size, tokens_per_step)  # tokens/s, MFU, memory
+    log(speed.describe())
+
+    checkpointer = Checkpointer(cfg, env, data, model, optimizer, precision.scaler)
+    step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if env.is_main else None, append=step > 0)
+    result = TrainResult()
+    train_start = last_log_time = time.perf_counter()
+    last_log_step = step
+
+    # ---- the loop: one optimizer step per iteration -----------------------------------------
+    while step < t.max_steps:
+        lr = lr_at(step, t.lr, t.max_steps, cfg.optim)
+        set_lr(optimizer, lr)
+
+        # Fetch every micro-batch first: the loss is normalised by the valid tokens of the whole
+        # step on all ranks, which must be known before the first backward.
+        with speed.waiting_for_data():
+            micro_batches = [next(data.train) for _ in range(t.grad_accum_steps)]
+        valid_tokens = sum(count_valid_tokens(b["labels"]) for b in micro_batches)
+        global_valid_tokens = all_reduce_sum(valid_tokens.to(env.device, torch.float32)).clamp(min=1)
+
+        step_loss_sum = torch.zeros((), device=env.device)
+        for micro_step, batch in enumerate(micro_batches):
+            batch = to_device(batch, env.device)
+            is_last = micro_step == t.grad_accum_steps - 1
+            with distributed.gradient_sync(model, enabled=is_last):
+                with precision.autocast():
+                    _, loss_sum = model(  # fused_loss: head + loss in chunks, no (B, T, V) logits
+                        batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                        loss_reduction="sum", fused_loss=t.fused_loss,
+                    )
+                # DDP and FSDP average gradients over ranks; scaling by world_size turns that mean
+                # back into a sum, so the step's gradient is that of (all losses) / (all valid tokens).
+                loss = loss_sum * (env.world_size / global_valid_tokens)
+                precision.scaler.scale(loss).backward()
+            step_loss_sum += loss_sum.detach()
+
+        precision.scaler.unscale_(optimizer)
+        grad_norm = distributed.clip_grad_norm(model, cfg.optim.grad_clip)
+        if not precision.scaler.is_enabled() and not torch.isfinite(grad_norm):  # one scalar sync per step
+            if t.on_nonfinite == "stop":
+                raise NanotrainError(
+                    f"non-finite loss or gradient at step {step + 1}; lower train.lr, or set "
+                    "train.on_nonfinite=skip to skip such steps"
+                )
+            log(f"step {step + 1}: non-finite gradient, update skipped")
+            optimizer.zero_grad(set_to_none=True)
+            checkpointer.skipped_steps += 1
+            step += 1
+            continue
+        scale_before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        if scale_before is not None and precision.scaler.get_scale() < scale_before:
+            log(f"step {step + 1}: fp16 gradients overflowed, update skipped (loss scale {scale_before:g} -> {precision.scaler.get_scale():g})")
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            step_loss = (all_reduce_sum(step_loss_sum) / global_valid_tokens).item()
+            now = time.perf_counter()
+            step_time = (now - last_log_time) / (step - last_log_step)
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "lr": lr,
+                "grad_norm": grad_norm.item(),
+                **speed.report(step - last_log_step, now - last_log_time),  # tokens/s, MFU, memory, data/compute
+                "tokens_seen": step * tokens_per_step,
+                "elapsed_s": now - train_start,
+                "eta_s": (t.max_steps - step) * step_time,
+            }
+            metrics.write(record)
+            log(format_step(record, t.max_steps))
+            result.losses[step] = step_loss
+            last_log_time, last_log_step = now, step
+
+        evaluation_due = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+        if evaluation_due and data.has_val:
+            val_loss = evaluate(model, data.val_batches(), precision, env)
+            metrics.write({"step": step, "val_loss": val_loss})
+            log(f"step {step:>6}/{t.max_steps} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
+            result.val_losses[step] = val_loss
+            # every rank runs the sampling forwards (FSDP shards the weights); rank 0 reports
+            samples = sample_completions(distributed.unwrap(model), data.tokenizer, t, precision)
+            if samples:
+                metrics.write({"step": step, "samples": samples})
+                log("\n".join(f"sample: {text!r}" for text in samples))
+            last_log_time = time.perf_counter()  # keep evaluation out of the throughput figure
+
+        checkpointer.maybe_save(step)  # every checkpoint.interval steps, at the last step, on SIGTERM/SIGINT
+        if checkpointer.preempted:
+            break
+
+    metrics.close()
+    checkpointer.close()
+    result.model = distributed.unwrap(model)
+    return result
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split the command line into a preset and dotted overrides (`--a.b=v` or `--a.b v`)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m nanotrain.train",
+        description="Train a language model. Any config field can be overridden as --section.key=value.",
+        epilog=f"presets: {', '.join(preset_names())}; --help-config lists every key",
+    )
+    parser.add_argument("--config", help="preset name or path to a .toml file (default: 'default')")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and its default")
+    args, rest = parser.parse_known_args(argv)
+    if args.help_config:
+        print(describe_keys())
+        raise SystemExit(0)
+    overrides, i = [], 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
+            raise NanotrainError(f"unexpected argument '{item}': overrides look like --section.key=value")
+        if "=" not in item and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
+    return args.config, overrides
+
+
+@distributed.record_errors  # under torchrun: the failing rank's traceback in the job summary
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    preset, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    train(load_config(preset, overrides))
+
+
+if __name__ == "__main__":
+    main()
