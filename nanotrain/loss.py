@@ -49,7 +49,7 @@ def mean_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 # nothing is recomputed. Backward then only scales the stored gradients by the incoming scalar.
 
 # Logits per chunk: 2**24 fp32 values = 64 MiB, 524 rows at V = 32000. Smaller chunks re-read and
-# re-write the (V, C) weight gradient more often; larger ones cost more memory for no gain
+# re-write the (V, C) weight gradient more often; larger ones cost memory for little gain
 # (measured in docs/08-performance.md).
 FUSED_CHUNK_ELEMENTS = 2**24
 

@@ -8,6 +8,8 @@ in its own module and enters here through one named seam:
     precision.autocast / precision.scaler            bf16 and fp16
     build_data(...).train                            batches in a world-size-independent order
     next_token_loss                                  summed loss + valid-token count
+    model(..., loss_reduction="sum", fused_loss=)    the same sum; fused: head + loss, no logits tensor
+    speed.waiting_for_data / speed.report            tokens/s, MFU, peak memory, data vs compute
     checkpointer.restore / maybe_save                exact resume, periodic and preemption saves
 """
 

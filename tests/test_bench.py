@@ -1,0 +1,52 @@
+"""nanotrain.bench times nanotrain against HF Llama / a reference GPT in one process and reports the ratio."""
+
+import re
+
+import pytest
+
+from nanotrain.bench import main
+
+TINY_MODEL = """
+[model]
+flavour = "{flavour}"
+vocab_size = 256
+max_position_embeddings = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = {kv_heads}
+d_model = 32
+d_ff = 64
+[data]
+source = "random"
+"""
+
+
+def run_bench(tmp_path, capsys, flavour, kv_heads, *extra):
+    preset = tmp_path / f"{flavour}.toml"
+    preset.write_text(TINY_MODEL.format(flavour=flavour, kv_heads=kv_heads))
+    main(["--config", str(preset), "--seq_len", "32", "--batch_size", "2", "--steps", "1", "--rounds", "2", *extra])
+    return capsys.readouterr().out
+
+
+def test_llama_against_hugging_face(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    out = run_bench(tmp_path, capsys, "llama", 2)
+    losses = re.search(r"first-step loss: nanotrain ([\d.]+) \| HF LlamaForCausalLM ([\d.]+)", out)
+    assert losses and abs(float(losses[1]) - float(losses[2])) < 1e-3, out  # same weights, same work
+    assert re.search(r"nanotrain: +[\d,]+ tok/s \(median of 2\) \| MFU [\d.]+%", out), out
+    assert re.search(r"nanotrain / HF LlamaForCausalLM: [\d.]+x", out), out
+
+
+def test_gpt_against_reference_gpt_in_bf16(tmp_path, capsys):
+    out = run_bench(tmp_path, capsys, "gpt", 0, "--precision", "bf16")
+    assert "bf16" in out.splitlines()[0]
+    assert re.search(r"nanotrain / ReferenceGPT: [\d.]+x", out), out
+
+
+def test_bad_arguments_give_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--steps", "0"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+    with pytest.raises(SystemExit):
+        main(["--config", "no-such-preset"])
+    assert "error: " in capsys.readouterr().err
