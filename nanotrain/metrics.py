@@ -101,7 +101,10 @@ def gpu_peak_tflops(device_name: str, precision: str, tf32: bool) -> float | Non
 @functools.cache  # once per process: tests and notebooks that train many times pay once
 def measure_matmul_tflops(dtype: torch.dtype = torch.float32, seconds: float = 0.5, size: int = 1024) -> float:
     """Best matmul throughput this process reaches on CPU, in TFLOP/s (the CPU's practical peak)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    # A private generator: drawing from the global RNG here would shift every later dropout mask,
+    # so a run's losses would depend on whether (and where) the peak was measured.
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, dtype=dtype, generator=generator) for _ in range(2))
     out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up: thread pool and kernel selection
     best, deadline = float("inf"), time.perf_counter() + seconds

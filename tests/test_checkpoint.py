@@ -155,7 +155,7 @@ def killed_runs(tmp_path_factory):
     procs = {}
     for point, (step, _) in KILL_POINTS.items():
         cmd = [sys.executable, "tests/checkpoint_crash_run.py", *args_for(root / point, "--train.batch_size=4", "--model.dropout=0.1")]
-        env = {**subprocess_env(), "CRASH_AT_STEP": str(step), "CRASH_POINT": point}
+        env = {**subprocess_env(), "CRASH_AT_STEP": str(step), "CRASH_POINT": point, "OMP_NUM_THREADS": "1"}
         procs[point] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for point, proc in procs.items():
         _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)

@@ -71,3 +71,12 @@ def test_log_line_shows_speed_and_per_rank_throughput():
     for piece in ("2,000 tok/s (1,000/rank)", "MFU 41.5%", "mem 1.25 GiB (5%)", "data 3 ms + compute 97 ms"):
         assert piece in line, line
     assert flops_per_token(load_config("tinystories-20m").model, 256) == pytest.approx(71.2e6, rel=1e-3)
+
+
+def test_measuring_the_cpu_peak_leaves_the_global_rng_alone():
+    measure_matmul_tflops.cache_clear()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    measure_matmul_tflops(seconds=0.01, size=64)
+    assert torch.equal(torch.rand(3), expected)
