@@ -144,14 +144,19 @@ def nanotrain_side(model: nn.Module, cfg, env: DistEnv, precision: Precision, ba
     return Side("nanotrain", step)
 
 
-def reference_side(name: str, model: nn.Module, cfg, env: DistEnv, precision: Precision, batch: torch.Tensor) -> Side:
-    """The plain PyTorch loop a user writes for an HF model or a hand-written GPT."""
+def reference_side(name: str, model: nn.Module, cfg, env: DistEnv, precision: Precision, batch: torch.Tensor,
+                   fused_adamw: bool = False) -> Side:
+    """The plain PyTorch loop a user writes for an HF model or a hand-written GPT.
+
+    `fused_adamw` gives it torch's fused AdamW kernel too, which isolates what nanotrain's model
+    and loss buy from what its optimizer kernel buys.
+    """
     model.to(env.device).train()
     if cfg.train.compile:
         for layer in model.model.layers if hasattr(model, "model") else model.layers:
             layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=fused_adamw or None)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision.name == "fp16")
     is_hf = hasattr(model, "model")
 
@@ -184,6 +189,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile each block, both sides")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per side")
+    parser.add_argument("--reference_fused_adamw", action="store_true",
+                        help="give the reference torch's fused AdamW too (compares model + loss alone)")
     return parser.parse_args(argv)
 
 
@@ -218,11 +225,13 @@ def main(argv=None) -> None:
 
     ours = build_model(m, seed=0)
     if m.flavour == "llama":
-        reference = reference_side("HF LlamaForCausalLM", hf_llama_with_weights_of(ours, m), cfg, env, precision, batch)
+        reference = reference_side("HF LlamaForCausalLM", hf_llama_with_weights_of(ours, m), cfg, env, precision, batch,
+                                   args.reference_fused_adamw)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            reference = reference_side("ReferenceGPT", ReferenceGPT(m), cfg, env, precision, batch)
+            reference = reference_side("ReferenceGPT", ReferenceGPT(m), cfg, env, precision, batch,
+                                       args.reference_fused_adamw)
     sides = [nanotrain_side(ours, cfg, env, precision, batch), reference]
 
     tokens_per_step = args.batch_size * args.seq_len
