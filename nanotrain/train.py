@@ -120,6 +120,9 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
 
     checkpointer = Checkpointer(cfg, env, data, model, optimizer, precision.scaler)
     step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
+    if step >= t.max_steps:
+        log(f"nothing to train: the run is already at step {step} of train.max_steps={t.max_steps}; "
+            "raise --train.max_steps to continue it, or pass a new --train.out_dir to start afresh")
     metrics = MetricsLog(run_dir / "metrics.jsonl" if env.is_main else None, append=step > 0)
     result = TrainResult()
     train_start = last_log_time = time.perf_counter()
