@@ -117,6 +117,27 @@ def load_inference(path: str | Path, device: str | torch.device = "cpu"):
     return model.to(device).eval(), cfg, tokenizer
 
 
+def load_pretrained(model: torch.nn.Module, model_cfg, checkpoint: str | Path) -> None:
+    """Load checkpoint directory `checkpoint`'s weights into a freshly built `model` (train.init_from).
+
+    The saved model must have the shape and function this run configures (the model keys of
+    RESUME_REFUSES); dropout, init_std and activation checkpointing may differ.
+    """
+    path = Path(checkpoint)
+    try:
+        verify(path)
+        saved = load_config(str(path / CONFIG))
+    except NanotrainError as e:
+        raise CheckpointError(f"train.init_from: {e}") from None
+    for key in (k.split(".", 1)[1] for k in RESUME_REFUSES if k.startswith("model.")):
+        if getattr(saved.model, key) != getattr(model_cfg, key):
+            raise CheckpointError(
+                f"train.init_from '{path}' has model.{key} = {getattr(saved.model, key)!r} but this run sets "
+                f"{getattr(model_cfg, key)!r}; use --config {path / CONFIG} or match it"
+            )
+    model.load_state_dict(read_weights(path, saved), strict=True)
+
+
 def read_weights(path: Path, cfg: Config) -> dict[str, torch.Tensor]:
     """The state dict in `path/model.safetensors`, with the tied head restored when the config ties it."""
     try:

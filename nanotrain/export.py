@@ -257,29 +257,6 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
 
 # ---- starting training from imported (or any) weights: train.init_from ------------------------
 
-def load_pretrained(model, model_cfg: ModelConfig, checkpoint: str | Path) -> None:
-    """Load the weights of checkpoint directory `checkpoint` into a freshly built `model`.
-
-    The checkpoint's model section must equal `model_cfg` (apart from dropout, init_std and
-    activation checkpointing, which do not change the weights' shape or function).
-    """
-    from nanotrain.checkpoint import CONFIG, read_weights, verify
-    from nanotrain.config import load_config
-
-    path = Path(checkpoint)
-    try:
-        verify(path)
-        saved = load_config(str(path / CONFIG))
-    except NanotrainError as e:
-        raise ExportError(f"train.init_from: {e}") from None
-    free = {"dropout", "init_std", "activation_checkpointing"}
-    for key, value in vars(saved.model).items():
-        if key not in free and getattr(model_cfg, key) != value:
-            raise ExportError(f"train.init_from '{path}' has model.{key} = {value!r} but this run sets "
-                              f"{getattr(model_cfg, key)!r}; use --config {path / CONFIG} or match it")
-    model.load_state_dict(read_weights(path, saved), strict=True)
-
-
 # ---- shared helpers ----------------------------------------------------------------------------
 
 def _check_out(out: str | Path) -> Path:

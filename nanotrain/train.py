@@ -27,12 +27,11 @@ import numpy as np
 import torch
 
 from nanotrain import distributed
-from nanotrain.checkpoint import Checkpointer
+from nanotrain.checkpoint import Checkpointer, load_pretrained
 from nanotrain.config import Config, describe_keys, load_config, preset_names
 from nanotrain.data import build_data
 from nanotrain.distributed import DistEnv, all_reduce_sum
 from nanotrain.errors import NanotrainError, exit_on_error
-from nanotrain.export import load_pretrained
 from nanotrain.generate import sample_completions
 from nanotrain.loss import count_valid_tokens, next_token_loss
 from nanotrain.metrics import MetricsLog, SpeedMeter, format_step

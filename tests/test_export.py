@@ -53,6 +53,21 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokenizer_path
     assert (out / "generation_config.json").is_file()
 
 
+def test_exported_tokenizer_loads_in_transformers_with_equal_ids(tmp_path, tokenizer_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf", reason="transformers reads a sentencepiece model through protobuf")
+    from nanotrain.tokenizer import Tokenizer
+
+    ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(export_hf(ckpt, tmp_path / "hf"))
+    ours = Tokenizer.load(tokenizer_path)
+    text = 'Once upon a time, Lily saw a 🐉 and said "hello".'  # the dragon is byte fallback
+    assert hf_tokenizer(text)["input_ids"] == [ours.bos_id] + ours.encode(text)
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (
+        ours.bos_id, ours.eos_id, ours.pad_id)
+    assert hf_tokenizer.decode(hf_tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_export_then_import_gives_identical_weights(tmp_path, tokenizer_path, tie):
     ckpt, model = make_checkpoint(tmp_path / "ckpt", tokenizer_path, tie=tie)
@@ -87,11 +102,11 @@ def test_imported_checkpoint_trains_and_generates(tmp_path, tokenizer_path, caps
 
 
 def test_init_from_refuses_a_different_model_shape(tmp_path, tokenizer_path):
-    from nanotrain.export import load_pretrained
+    from nanotrain.checkpoint import CheckpointError, load_pretrained
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
     cfg = load_config(str(ckpt / "config.toml"), ["--model.n_layers=3"])
-    with pytest.raises(ExportError, match="model.n_layers = 2 but this run sets 3"):
+    with pytest.raises(CheckpointError, match="model.n_layers = 2 but this run sets 3"):
         load_pretrained(build_model(cfg.model), cfg.model, ckpt)
 
 
