@@ -26,7 +26,6 @@ items that would need `torch.load(weights_only=False)` are refused (we never sav
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -48,6 +47,7 @@ from safetensors.torch import load_file, save_file
 
 from nanotrain.config import Config, ConfigError, load_config
 from nanotrain.errors import NanotrainError
+from nanotrain.files import atomic_directory, fsync, publish, sha256_file, temp_directory
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -83,16 +83,12 @@ def save_inference(path: str | Path, model_state_dict: dict, cfg: Config, tokeni
     path = Path(path)
     if path.exists():
         raise CheckpointError(f"'{path}' already exists; choose a new checkpoint directory or delete it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_weights(tmp / WEIGHTS, model_state_dict, cfg)
-    _write_text(tmp / CONFIG, cfg.to_toml())
-    if tokenizer_path is not None:
-        _write_bytes(tmp / TOKENIZER, Path(tokenizer_path).read_bytes())
-    _write_manifest(tmp, step=None, kind="inference")
-    _publish(tmp, path)
+    with atomic_directory(path) as tmp:
+        _write_weights(tmp / WEIGHTS, model_state_dict, cfg)
+        _write_text(tmp / CONFIG, cfg.to_toml())
+        if tokenizer_path is not None:
+            _write_bytes(tmp / TOKENIZER, Path(tokenizer_path).read_bytes())
+        _write_manifest(tmp, step=None, kind="inference")
     return path
 
 
@@ -159,18 +155,9 @@ def _write_weights(file: Path, state_dict: dict, cfg: Config) -> None:
     if cfg.model.tie_embeddings:
         metadata["tied"] = f"{TIED_HEAD}=tok_embeddings.weight"
     save_file(tensors, str(file), metadata=metadata)
-    _fsync(file)
 
 
 # ---- files, manifest, verification ---------------------------------------------------------------
-
-def _fsync(file: Path) -> None:
-    fd = os.open(file, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_bytes(file: Path, data: bytes) -> None:
     with open(file, "wb") as f:
@@ -183,39 +170,15 @@ def _write_text(file: Path, text: str) -> None:
     _write_bytes(file, text.encode())
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(directory: Path, step: int | None, kind: str) -> None:
     """List every file with its size and sha256; written last, it marks the checkpoint complete."""
     files = {
-        str(file.relative_to(directory)): {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        str(file.relative_to(directory)): {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
         for file in sorted(directory.rglob("*")) if file.is_file() and file.name != MANIFEST
     }
     manifest = {"format_version": FORMAT_VERSION, "kind": kind, "step": step,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
     _write_text(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Make a finished temporary directory visible under its final name (replacing a stale one)."""
-    stale = None
-    if final.exists():  # e.g. a step redone after resuming from an earlier checkpoint
-        stale = final.with_name(f"{final.name}.old-{os.getpid()}")
-        os.replace(final, stale)
-    os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself must survive a power loss
-    finally:
-        os.close(fd)
-    if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 def verify(path: str | Path, kind: str | None = None) -> dict:
@@ -250,7 +213,7 @@ def verify(path: str | Path, kind: str | None = None) -> dict:
         size = file.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(f"checkpoint '{path}': file {name} is truncated or altered ({size} bytes, manifest says {expected['bytes']})")
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint '{path}': file {name} is corrupted (sha256 differs from the manifest)")
     return manifest
 
@@ -461,7 +424,7 @@ class Checkpointer:
         owner = torch.tensor([os.getpid() if env.is_main else 0])
         if multi:
             dist.all_reduce(owner)  # every rank writes into rank 0's temporary directory
-        tmp = self.root / f"{final.name}.tmp-{int(owner)}"
+        tmp = temp_directory(final, tag=int(owner))
         if env.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             for leftover in self.root.glob("step_*.tmp-*"):  # from a save killed part-way
@@ -485,7 +448,7 @@ class Checkpointer:
                 _write_bytes(tmp / TOKENIZER, self.tokenizer.model_bytes)
             _write_text(tmp / TRAINER_STATE, json.dumps(self._trainer_state(step), indent=1) + "\n")
             _write_manifest(tmp, step, kind="training")
-            _publish(tmp, final)
+            publish(tmp, final, replace=True)  # replace: a step redone after resuming from an earlier checkpoint
             self._prune()
             self.log(f"saved checkpoint {final}")
         if multi:
@@ -667,4 +630,4 @@ def _save_train_state(dcp, state: dict, directory: Path) -> None:
 
 def _save_rank_state(file: Path, state: dict) -> None:
     torch.save(state, file)
-    _fsync(file)
+    fsync(file)

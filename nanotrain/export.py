@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from safetensors.torch import save_file
 
 from nanotrain.config import Config, ConfigError, ModelConfig, validate
 from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.files import atomic_directory
 from nanotrain.model import build_model, hf_llama_name, nanotrain_name_from_hf
 
 
@@ -123,7 +122,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
             "GELU MLP and biases instead of RoPE, RMSNorm and SwiGLU); only llama checkpoints export to HF"
         )
 
-    def write(temp: Path) -> None:
+    with atomic_directory(out, hidden=True) as temp:
         save_file(hf_state_dict(model), temp / "model.safetensors", metadata={"format": "pt"})
         _write_json(temp / "config.json", hf_config(cfg.model, tokenizer))
         generation = {"_from_model_config": False}
@@ -133,8 +132,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
             tokenizer.save(temp / "tokenizer.model")
             for name, content in tokenizer_files(tokenizer, cfg.model.max_position_embeddings).items():
                 _write_json(temp / name, content)
-
-    return _publish(out, write)
+    return out
 
 
 # ---- Hugging Face -> nanotrain -----------------------------------------------------------------
@@ -255,8 +253,6 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     return save_inference(out, model.state_dict(), cfg, tokenizer_path if tokenizer is not None else None)
 
 
-# ---- starting training from imported (or any) weights: train.init_from ------------------------
-
 # ---- shared helpers ----------------------------------------------------------------------------
 
 def _check_out(out: str | Path) -> Path:
@@ -268,21 +264,6 @@ def _check_out(out: str | Path) -> Path:
 
 def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
-
-
-def _publish(out: Path, write) -> Path:
-    """Run write(temp_dir), then rename temp_dir to `out`; nothing named `out` exists until then."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
-    try:
-        write(temp)
-        os.rename(temp, out)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return out
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.files import atomic_directory, sha256_file
 from nanotrain.stories import GENERATOR_VERSION, generate_stories
 from nanotrain.tokenizer import Tokenizer, TokenizerError
 
@@ -202,14 +202,6 @@ class Progress:
 # ----------------------------------------------------------------------------- writing the dataset
 
 
-def _file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _identity(request: dict) -> str:
     """Hash of everything that determines the output: same identity, same dataset."""
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
@@ -245,7 +237,7 @@ def prepare(inputs: list[str], out: str | Path, *, vocab_size: int | None = None
     """Prepare text files into a dataset directory (see the module docstring); returns its meta."""
     sources = find_sources(inputs, fmt)
     for source in sources:  # content hashes make the identity survive moves and renames
-        source["sha256"] = _file_sha256(source["path"])
+        source["sha256"] = sha256_file(source["path"])
     settings = {"delimiter": delimiter, "text_field": text_field, "replace_invalid_utf8": replace_invalid_utf8}
 
     def documents() -> Iterator[tuple[str, int]]:
@@ -290,41 +282,38 @@ def prepare_documents(documents: Callable[[], Iterable[tuple[str, int]]], out: s
         _log(verbose, f"'{out}' already holds this dataset (identity {identity[:12]}); nothing to do")
         return existing
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir()
     try:
-        start = time.perf_counter()
-        if loaded is None:
-            loaded = _train_tokenizer(documents, vocab_size, total_bytes, verbose)
-        loaded.save(temp / "tokenizer.model")
-        splits = _encode(documents, loaded, temp, val_fraction, seed, workers, total_bytes, verbose)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "identity": identity,
-            "tokenizer": {"file": "tokenizer.model", "sha256": loaded.sha256,
-                          "trained_here": tokenizer is None, "from": str(tokenizer) if tokenizer else None},
-            "vocab_size": loaded.vocab_size,
-            "bos_id": loaded.bos_id, "eos_id": loaded.eos_id, "pad_id": loaded.pad_id,
-            "dtype": token_dtype(loaded.vocab_size).name,
-            "document_layout": "BOS text EOS",
-            "splits": splits,
-            "sources": sources,
-            "val_fraction": val_fraction, "seed": seed, **(settings or {}),
-            "prepare_seconds": round(time.perf_counter() - start, 2),
-        }
-        for split in SPLITS:
-            if splits[split]["documents"] == 0 and (split == "train" or val_fraction > 0):
-                n = splits["train"]["documents"] + splits["val"]["documents"]
-                fix = "raise --val_fraction or add documents" if split == "val" else "lower --val_fraction"
-                raise PrepareError(f"the {split} split got no documents ({n} in all, --val_fraction {val_fraction}); {fix}")
-        # meta.json last: a directory without it is never taken for a dataset
-        (temp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(temp, out, identity)
-    except BaseException:  # errors and Ctrl-C alike: leave nothing half-written behind
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        with atomic_directory(out, hidden=True) as temp:  # errors and Ctrl-C alike leave nothing half-written
+            start = time.perf_counter()
+            if loaded is None:
+                loaded = _train_tokenizer(documents, vocab_size, total_bytes, verbose)
+            loaded.save(temp / "tokenizer.model")
+            splits = _encode(documents, loaded, temp, val_fraction, seed, workers, total_bytes, verbose)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "identity": identity,
+                "tokenizer": {"file": "tokenizer.model", "sha256": loaded.sha256,
+                              "trained_here": tokenizer is None, "from": str(tokenizer) if tokenizer else None},
+                "vocab_size": loaded.vocab_size,
+                "bos_id": loaded.bos_id, "eos_id": loaded.eos_id, "pad_id": loaded.pad_id,
+                "dtype": token_dtype(loaded.vocab_size).name,
+                "document_layout": "BOS text EOS",
+                "splits": splits,
+                "sources": sources,
+                "val_fraction": val_fraction, "seed": seed, **(settings or {}),
+                "prepare_seconds": round(time.perf_counter() - start, 2),
+            }
+            for split in SPLITS:
+                if splits[split]["documents"] == 0 and (split == "train" or val_fraction > 0):
+                    n = splits["train"]["documents"] + splits["val"]["documents"]
+                    fix = "raise --val_fraction or add documents" if split == "val" else "lower --val_fraction"
+                    raise PrepareError(f"the {split} split got no documents ({n} in all, --val_fraction {val_fraction}); {fix}")
+            # meta.json last: a directory without it is never taken for a dataset
+            (temp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    except FileExistsError:  # another process published --out meanwhile: fine if it is this very dataset
+        published = read_meta(out)
+        if published is None or published.get("identity") != identity:
+            raise PrepareError(f"--out '{out}' appeared while preparing and holds something else; choose another --out") from None
     _log(verbose, f"wrote '{out}': {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
                   f"({splits['train']['documents']:,} + {splits['val']['documents']:,} documents), "
                   f"vocab {loaded.vocab_size}, {meta['dtype']}")
@@ -399,19 +388,6 @@ def _take_bytes(stream: Iterator[tuple[str, int]], budget: int) -> tuple[list[st
         if size >= budget:
             break
     return batch, done
-
-
-def _publish(temp: Path, out: Path, identity: str) -> None:
-    """Move the finished directory into place; tolerate a concurrent twin that got there first."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    try:
-        os.rename(temp, out)
-    except OSError:
-        meta = read_meta(out)
-        if meta is None or meta.get("identity") != identity:
-            raise PrepareError(f"--out '{out}' appeared while preparing and holds something else; choose another --out") from None
-        shutil.rmtree(temp, ignore_errors=True)  # an identical dataset was published meanwhile
 
 
 def _log(verbose: bool, message: str) -> None:

@@ -39,8 +39,8 @@ def crashing(name, original):
     return wrapper
 
 
-for name in ("save_train_state", "save_rank_state", "write_manifest", "publish"):
-    setattr(checkpoint, f"_{name}", crashing(name, getattr(checkpoint, f"_{name}")))
+for attribute in ("_save_train_state", "_save_rank_state", "_write_manifest", "publish"):
+    setattr(checkpoint, attribute, crashing(attribute.lstrip("_"), getattr(checkpoint, attribute)))
 checkpoint.Checkpointer._prune = crashing("prune", checkpoint.Checkpointer._prune)
 original_maybe_save = checkpoint.Checkpointer.maybe_save
 
