@@ -232,7 +232,10 @@ def _coerce(key: str, value, annotation):
             return value
     elif typing.get_origin(annotation) is list:
         if from_cli:
-            value = json.loads(value) if value.startswith("[") else [v for v in value.split("|") if v]
+            try:
+                value = json.loads(value) if value.startswith("[") else [v for v in value.split("|") if v]
+            except json.JSONDecodeError:
+                pass  # reported below as the wrong type
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
     type_name = getattr(annotation, "__name__", str(annotation))

@@ -1,7 +1,7 @@
 """Training and validation batches: packed or padded sequences, in one global order for any world size.
 
 `build_data(cfg, rank, world_size)` returns a `Data` whose `train` iterator yields micro-batches
-and whose `val_batches()` lists this rank's share of the evaluation set. A batch is a dict of
+and whose `val_batches()` yields this rank's share of the evaluation set. A batch is a dict of
 CPU int64 tensors (the train loop moves them to the device):
 
     input_ids       (B, T)
@@ -266,13 +266,19 @@ class Data:
     _val_positions: list[list[int]] = field(default_factory=list)
 
     @property
-    def has_val(self) -> bool:
-        """False when the val split holds no full sample (evaluation is then skipped, with a note)."""
-        return bool(self._val_positions)
+    def num_val_batches(self) -> int:
+        """Micro-batches val_batches() yields; 0 when the val split holds no full sample (a note says so)."""
+        return len(self._val_positions)
 
-    def val_batches(self) -> list[dict]:
-        """This rank's share of the fixed evaluation set, one micro-batch per eval step ([] if none)."""
-        return [collate([self._val_samples[i] for i in positions]) for positions in self._val_positions]
+    def val_batches(self):
+        """This rank's share of the fixed evaluation set, one micro-batch per eval step, made lazily."""
+        return (collate([self._val_samples[i] for i in positions]) for positions in self._val_positions)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a batch to `device`; on CUDA the copy overlaps compute (batches are pinned there)."""
+    non_blocking = device.type == "cuda"
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
 def build_data(cfg: Config, rank: int = 0, world_size: int = 1) -> Data:

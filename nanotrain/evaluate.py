@@ -20,13 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from nanotrain.config import ConfigError, validate
-from nanotrain.data import DataError, build_data
-from nanotrain.distributed import DistEnv
+from nanotrain.data import DataError, build_data, to_device
+from nanotrain.distributed import DistEnv, all_reduce_sum
 from nanotrain.errors import NanotrainError, exit_on_error
 from nanotrain.generate import check_device
 from nanotrain.loss import count_valid_tokens
 from nanotrain.precision import Precision
-from nanotrain.train import evaluate as mean_loss
 
 ALL_BATCHES = 10**9  # "as many eval steps as the split holds"; build_data caps it at the split's size
 
@@ -42,6 +41,26 @@ class EvalResult:
     tokens: int  # valid (predicted) tokens the mean is over
     batches: int
     seconds: float
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batches, precision: Precision, env: DistEnv) -> tuple[float, int]:
+    """Mean next-token loss over this rank's `batches`, reduced over all ranks, and the valid tokens it covers.
+
+    The head and the loss run fused (no (B, T, V) logits); every rank must call this together.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, device=env.device, dtype=torch.float64)  # (loss sum, valid tokens)
+    for batch in batches:
+        batch = to_device(batch, env.device)
+        with precision.autocast():
+            _, loss_sum = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                                loss_reduction="sum", fused_loss=True)
+        totals += torch.stack([loss_sum.double(), count_valid_tokens(batch["labels"]).double()])
+    all_reduce_sum(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
 
 
 def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = "val", precision: str = "fp32",
@@ -76,11 +95,12 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = "val", prec
         )
 
     if split == "val":
-        batches = data.val_batches()
+        batch_count, batches = data.num_val_batches, data.val_batches()
     else:  # one pass over epoch 0 of the shuffled order (or its first max_batches batches)
         per_epoch = data.train.order.num_samples // batch_size
-        batches = [next(data.train) for _ in range(min(max_batches or per_epoch, per_epoch))]
-    if not batches:
+        batch_count = min(max_batches or per_epoch, per_epoch)
+        batches = (next(data.train) for _ in range(batch_count))
+    if not batch_count:
         raise EvaluationError(f"the {split} split of '{data_dir}' holds no full sequence of {cfg.train.seq_len} "
                               "tokens; lower --seq_len")
 
@@ -90,10 +110,9 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = "val", prec
     except ConfigError as e:
         raise EvaluationError(str(e)) from None
     start = time.perf_counter()
-    loss = mean_loss(model, batches, amp, env)
+    loss, tokens = mean_loss(model, batches, amp, env)
     seconds = time.perf_counter() - start
-    tokens = int(sum(count_valid_tokens(b["labels"]) for b in batches))
-    return EvalResult(loss, math.exp(min(loss, 50.0)), tokens, len(batches), seconds)
+    return EvalResult(loss, math.exp(min(loss, 50.0)), tokens, batch_count, seconds)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ import math
 import random
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +30,12 @@ import torch
 from nanotrain import distributed
 from nanotrain.checkpoint import Checkpointer, load_pretrained
 from nanotrain.config import Config, describe_keys, load_config, preset_names
-from nanotrain.data import build_data
+from nanotrain.data import build_data, to_device
 from nanotrain.distributed import DistEnv, all_reduce_sum
+from nanotrain.evaluate import mean_loss
 from nanotrain.errors import NanotrainError, exit_on_error
 from nanotrain.generate import sample_completions
-from nanotrain.loss import count_valid_tokens, next_token_loss
+from nanotrain.loss import count_valid_tokens
 from nanotrain.metrics import MetricsLog, SpeedMeter, format_step
 from nanotrain.model import build_model, parameter_report
 from nanotrain.optim import build_optimizer, lr_at, set_lr
@@ -55,34 +57,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    non_blocking = device.type == "cuda"  # batches come from pinned memory on CUDA
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, precision: Precision, env: DistEnv) -> float:
-    """Mean next-token loss over this rank's share of the val set, reduced over all ranks."""
-    model.eval()
-    totals = torch.zeros(2, device=env.device, dtype=torch.float64)  # (loss sum, valid tokens)
-    for batch in batches:
-        batch = to_device(batch, env.device)
-        with precision.autocast():
-            logits, _ = model(batch["input_ids"], batch.get("attention_mask"))
-        loss_sum, valid_tokens = next_token_loss(logits, batch["labels"])
-        totals += torch.stack([loss_sum.double(), valid_tokens.double()])
-    all_reduce_sum(totals)
-    model.train()
-    return (totals[0] / totals[1].clamp(min=1)).item()
-
-
 def train(cfg: Config) -> TrainResult:
     """Run one training job as described by `cfg` (in this process, or as one torchrun rank)."""
-    with distributed.process_group(cfg) as env:
-        return _train(cfg, env)
+    with distributed.process_group(cfg) as env, ExitStack() as cleanup:
+        return _train(cfg, env, cleanup)
 
 
-def _train(cfg: Config, env: DistEnv) -> TrainResult:
+def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
     t = cfg.train
     log = print if env.is_main else (lambda *args, **kwargs: None)
 
@@ -93,8 +74,11 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         torch.backends.cudnn.allow_tf32 = t.tf32
     run_dir = Path(t.out_dir)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(cfg.to_toml())
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(cfg.to_toml())
+        except OSError as e:
+            raise NanotrainError(f"train.out_dir '{run_dir}' cannot be written ({e.strerror}); choose another") from None
     log(cfg.to_toml())
 
     data = build_data(cfg, env.rank, env.world_size)
@@ -118,11 +102,13 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
     log(speed.describe())
 
     checkpointer = Checkpointer(cfg, env, data, model, optimizer, precision.scaler)
+    cleanup.callback(checkpointer.close)  # hand SIGTERM/SIGINT back however the run ends
     step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
     if step >= t.max_steps:
         log(f"nothing to train: the run is already at step {step} of train.max_steps={t.max_steps}; "
             "raise --train.max_steps to continue it, or pass a new --train.out_dir to start afresh")
     metrics = MetricsLog(run_dir / "metrics.jsonl" if env.is_main else None, append=step > 0)
+    cleanup.callback(metrics.close)
     result = TrainResult()
     train_start = last_log_time = time.perf_counter()
     last_log_step = step
@@ -157,22 +143,22 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
 
         precision.scaler.unscale_(optimizer)
         grad_norm = distributed.clip_grad_norm(model, cfg.optim.grad_clip)
-        if not precision.scaler.is_enabled() and not torch.isfinite(grad_norm):  # one scalar sync per step
+        # fp16's GradScaler skips non-finite updates itself; otherwise one scalar host sync per step.
+        if not precision.scaler.is_enabled() and not torch.isfinite(grad_norm):
             if t.on_nonfinite == "stop":
                 raise NanotrainError(
                     f"non-finite loss or gradient at step {step + 1}; lower train.lr, or set "
                     "train.on_nonfinite=skip to skip such steps"
                 )
             log(f"step {step + 1}: non-finite gradient, update skipped")
-            optimizer.zero_grad(set_to_none=True)
             checkpointer.skipped_steps += 1
-            step += 1
-            continue
-        scale_before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        if scale_before is not None and precision.scaler.get_scale() < scale_before:
-            log(f"step {step + 1}: fp16 gradients overflowed, update skipped (loss scale {scale_before:g} -> {precision.scaler.get_scale():g})")
+        else:
+            scale_before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            if scale_before is not None and precision.scaler.get_scale() < scale_before:
+                log(f"step {step + 1}: fp16 gradients overflowed, update skipped "
+                    f"(loss scale {scale_before:g} -> {precision.scaler.get_scale():g})")
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
@@ -196,8 +182,8 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
             last_log_time, last_log_step = now, step
 
         evaluation_due = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
-        if evaluation_due and data.has_val:
-            val_loss = evaluate(model, data.val_batches(), precision, env)
+        if evaluation_due and data.num_val_batches:
+            val_loss, _ = mean_loss(model, data.val_batches(), precision, env)
             metrics.write({"step": step, "val_loss": val_loss})
             log(f"step {step:>6}/{t.max_steps} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
             result.val_losses[step] = val_loss
@@ -212,8 +198,6 @@ def _train(cfg: Config, env: DistEnv) -> TrainResult:
         if checkpointer.preempted:
             break
 
-    metrics.close()
-    checkpointer.close()
     result.model = distributed.unwrap(model)
     return result
 

@@ -43,6 +43,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--model.dropout=1.5"], "model.dropout must be in [0, 1), got 1.5"),
         (["--data.source=tokens"], "data.source = 'tokens' needs --data.path=DIR"),
         (["--train.lr"], "override '--train.lr' must look like --section.key=value"),
+        (["--train.sample_prompts=[bad"], "config key 'train.sample_prompts' expects list of strings"),
     ],
 )
 def test_bad_overrides_give_one_line_errors(overrides, message):

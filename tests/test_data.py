@@ -136,8 +136,9 @@ def test_random_source_follows_the_contract_with_uneven_padding():
 
 @pytest.mark.parametrize("mode", ["packed", "padded"])
 def test_val_set_union_is_the_same_across_world_sizes(dataset, mode):
-    one = build_data(config(dataset, "--train.batch_size=4", f"--data.mode={mode}"), 0, 1).val_batches()
-    two = [build_data(config(dataset, "--train.batch_size=2", f"--data.mode={mode}"), r, 2).val_batches() for r in range(2)]
+    one = list(build_data(config(dataset, "--train.batch_size=4", f"--data.mode={mode}"), 0, 1).val_batches())
+    two = [list(build_data(config(dataset, "--train.batch_size=2", f"--data.mode={mode}"), r, 2).val_batches())
+           for r in range(2)]
     assert len(one) == len(two[0]) == len(two[1]) == 3
     for k in range(3):
         assert rows([one[k]]) == rows([two[0][k], two[1][k]])
@@ -147,7 +148,7 @@ def test_val_set_union_is_the_same_across_world_sizes(dataset, mode):
 def test_small_val_split_is_shortened_with_a_note(dataset):
     data = build_data(config(dataset, "--train.batch_size=16", "--train.eval_steps=50", "--data.mode=padded"), 0, 1)
     n_val = build_data(config(dataset, "--data.mode=padded"), 0, 1)._val_samples.split.num_documents
-    assert len(data.val_batches()) == max(1, n_val // 16) and data.notes and "evaluating" in data.notes[0]
+    assert data.num_val_batches == len(list(data.val_batches())) == max(1, n_val // 16) and data.notes and "evaluating" in data.notes[0]
 
 
 def test_build_errors_are_one_line(dataset, tmp_path):
