@@ -321,6 +321,21 @@ def test_torchrun_restart_resumes_ddp_bit_exact(tmp_path, ddp_reference):
     assert_same_run(ddp_reference, out)
 
 
+def test_preemption_of_one_rank_saves_on_all_ranks_and_resumes_bit_exact(tmp_path, ddp_reference):
+    """Only rank 1 gets SIGTERM at step 3: the ranks agree, save step 3 together and exit 0; rerunning finishes."""
+    out = tmp_path / "run"
+    args = args_for(out, "--train.batch_size=2", "--model.dropout=0.1")
+    first = torchrun(args, script=["tests/checkpoint_crash_run.py"],
+                     env_extra={"CRASH_AT_STEP": "3", "CRASH_POINT": "sigterm", "CRASH_RANK": "1"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "preemption signal received: saved checkpoint at step 3" in first.stdout
+    assert [s for s, _ in checkpoint.list_checkpoints(out / "checkpoints")][0] == 3
+    second = torchrun(args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "step_00000003 at step 3" in second.stdout
+    assert_same_run(ddp_reference, out)
+
+
 def test_fsdp_resume_bit_exact(tmp_path, fsdp_reference):
     out = tmp_path / "run"
     ckpt = fsdp_reference / "checkpoints" / "step_00000004"
