@@ -6,10 +6,5 @@
 # (more memory, less communication):
 #   bash launch/fsdp.sh 8 --config tinystories-20m --parallel.reshard_after_forward=false
 set -euo pipefail
-if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
-  NPROC=$1; shift
-else
-  NPROC=$(nvidia-smi -L | wc -l)
-fi
-exec torchrun --standalone --nproc_per_node="$NPROC" -m nanotrain.train \
-  --train.device=cuda --parallel.strategy=fsdp "$@"
+# The launch is ddp.sh's; overrides apply in order, so this last one picks the strategy.
+exec bash "$(dirname "$0")/ddp.sh" "$@" --parallel.strategy=fsdp
