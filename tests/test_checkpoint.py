@@ -294,20 +294,21 @@ def test_nonfinite_skip_is_counted_in_the_checkpoint(tmp_path, monkeypatch):
 
 # ---- two processes: DDP and FSDP over gloo, torchrun restarts, resharding -----------------------------
 
-@pytest.fixture(scope="module")
-def ddp_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    result = torchrun(args_for(out, "--train.batch_size=2", "--model.dropout=0.1"))
+def uninterrupted_torchrun(out: Path, *extra: str) -> Path:
+    """6 straight steps on 2 ranks with batch 2 each: the run a resumed one must reproduce."""
+    result = torchrun(args_for(out, "--train.batch_size=2", *extra))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    return uninterrupted_torchrun(tmp_path_factory.mktemp("ddp"), "--model.dropout=0.1")
 
 
 @pytest.fixture(scope="module")
 def fsdp_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    result = torchrun(args_for(out, "--train.batch_size=2", "--parallel.strategy=fsdp"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
+    return uninterrupted_torchrun(tmp_path_factory.mktemp("fsdp"), "--parallel.strategy=fsdp")
 
 
 def test_torchrun_restart_resumes_ddp_bit_exact(tmp_path, ddp_reference):

@@ -10,16 +10,12 @@ from nanotrain.evaluate import evaluate_checkpoint, main
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, make_story_dataset):
     """A prepared story dataset and a 10-step run that saved a checkpoint and logged its val loss."""
-    from nanotrain.prepare import prepare
-    from nanotrain.stories import generate_stories
     from nanotrain.train import train
 
     root = tmp_path_factory.mktemp("eval")
-    text = root / "stories.txt"
-    text.write_text("\n<|endoftext|>\n".join(generate_stories(200, seed=1)))
-    prepare([str(text)], root / "data", vocab_size=320, seed=0, workers=1, verbose=False)
+    make_story_dataset(root, 200, seed=1)
     cfg = load_config(None, [
         "--model.vocab_size=320", "--model.max_position_embeddings=64", "--model.n_layers=1",
         "--model.n_heads=2", "--model.n_kv_heads=1", "--model.d_model=32", "--model.d_ff=64",

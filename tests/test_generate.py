@@ -187,15 +187,11 @@ GOLDEN_IDS = [270, 281, 275, 286, 274, 262, 270, 274, 275, 286, 266, 268, 279, 2
 GOLDEN_TEXT = "Once upon a time loun a nound was and into lit"  # what 200 steps of a 115k model learn
 
 
-def test_golden_greedy_continuation(tmp_path):
-    from nanotrain.prepare import prepare
-    from nanotrain.stories import generate_stories
+def test_golden_greedy_continuation(tmp_path, make_story_dataset):
     from nanotrain.tokenizer import Tokenizer
     from nanotrain.train import train
 
-    text = tmp_path / "stories.txt"
-    text.write_text("\n<|endoftext|>\n".join(generate_stories(300, seed=0)))
-    prepare([str(text)], tmp_path / "data", vocab_size=320, seed=0, workers=1, verbose=False)
+    make_story_dataset(tmp_path, 300, seed=0)
     cfg = load_config(None, [
         "--model.vocab_size=320", "--model.max_position_embeddings=64", "--model.n_layers=2",
         "--model.n_heads=4", "--model.n_kv_heads=2", "--model.d_model=64", "--model.d_ff=128",
