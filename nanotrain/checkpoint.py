@@ -20,12 +20,14 @@ only after the new one is in place. Before anything is deserialised the manifest
 hashes are checked, so a truncated or altered file is refused with its name.
 
 Safe loading: tensors come from safetensors or `torch.load(weights_only=True)`; DCP's pickled
-`.metadata` is read with an unpickler that admits only DCP's own metadata classes, and DCP
-items that would need `torch.load(weights_only=False)` are refused (we never save any).
+`.metadata` is read with an unpickler that admits exact (module, name) pairs of the globals DCP
+puts there and sets state only on DCP's dataclasses (`_MetadataUnpickler`), and DCP items that
+would need `torch.load(weights_only=False)` are refused (we never save any).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -33,11 +35,12 @@ import pickle
 import random
 import shutil
 import signal
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, is_dataclass
+from pathlib import Path, PosixPath
 
 import numpy as np
 import torch
@@ -47,7 +50,7 @@ from safetensors.torch import load_file, save_file
 
 from nanotrain.config import Config, ConfigError, load_config
 from nanotrain.errors import NanotrainError
-from nanotrain.files import atomic_directory, fsync, publish, sha256_file, temp_directory
+from nanotrain.files import atomic_directory, fsync, publish, remove_stale_temporaries, sha256_file, temp_directory
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -188,8 +191,7 @@ def verify(path: str | Path, kind: str | None = None) -> dict:
     swapped after saving is reported by name instead of surfacing as a decoding error.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    _require_directory(path)
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"checkpoint '{path}' has no {MANIFEST}: it is incomplete (a save was interrupted) or not a nanotrain checkpoint")
     try:
@@ -215,11 +217,63 @@ def verify(path: str | Path, kind: str | None = None) -> dict:
             raise CheckpointError(f"checkpoint '{path}': file {name} is truncated or altered ({size} bytes, manifest says {expected['bytes']})")
         if sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint '{path}': file {name} is corrupted (sha256 differs from the manifest)")
+    if kind == "training":
+        read_trainer_state(path)
     return manifest
+
+
+def _require_directory(path: Path) -> None:
+    if path.is_dir():
+        return
+    if path.exists():
+        raise CheckpointError(f"checkpoint '{path}' is a file, not a directory; pass the checkpoint directory "
+                              f"(the one that holds {MANIFEST})")
+    raise CheckpointError(f"checkpoint '{path}' does not exist")
+
+
+# Every field of trainer_state.json that resuming reads, with its JSON type; a dict: its own fields.
+TRAINER_STATE_FIELDS = {
+    "step": int, "tokens_seen": int, "skipped_steps": int, "world_size": int, "strategy": str, "global_batch": int,
+    "scaler": dict, "loader": {"samples_consumed": int, "samples_per_epoch": int}, "data_identity": dict,
+    "config": dict,
+}
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The trainer state of training checkpoint `path`, checked to hold every field resuming reads."""
+    file = path / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} is not valid JSON ({_first_line(e)})") from None
+    wrong = _wrong_fields(state, TRAINER_STATE_FIELDS)
+    if not wrong and not all(isinstance(section, dict) for section in state["config"].values()):
+        wrong = ["config"]
+    if wrong:
+        raise CheckpointError(f"checkpoint '{path}': {TRAINER_STATE} lacks or mistypes {', '.join(wrong)}; "
+                              "it was altered after saving: resume from another checkpoint")
+    return state
+
+
+def _wrong_fields(value, fields: dict, prefix: str = "") -> list[str]:
+    if not isinstance(value, dict):
+        return [prefix.rstrip(".") or "everything"]
+    wrong = []
+    for key, kind in fields.items():
+        if isinstance(kind, dict):
+            wrong += _wrong_fields(value.get(key), kind, f"{prefix}{key}.")
+        elif not isinstance(value.get(key), kind) or (kind is int and isinstance(value.get(key), bool)):
+            wrong.append(f"{prefix}{key}")  # JSON's true/false are Python ints too
+    return wrong
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    """Where a run's `step_*` checkpoints go: `checkpoint.dir`, or `<train.out_dir>/checkpoints`."""
+    return Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -234,46 +288,114 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 # ---- safe deserialisation ------------------------------------------------------------------------
 
+def _first_line(error: BaseException) -> str:
+    """An exception as one short line: the first line of its message, or its type if it has none."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
+
+
+def _dcp_failure(error: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (a BaseException), else `error` itself."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    if isinstance(error, CheckpointException) and error.failures:
+        return error.failures[min(error.failures)][0]
+    return error
+
+
 def _torch_load(file: Path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"refusing to load {file}: it needs arbitrary unpickling, which could run code "
-            f"({str(e).splitlines()[0][:160]})"
+            f"refusing to load {file}: it needs arbitrary unpickling, which could run code ({_first_line(e)})"
         ) from None
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's `.metadata` admitting only the classes DCP itself puts there."""
+@functools.cache
+def _metadata_globals() -> dict[tuple[str, str], object]:
+    """Every global the `.metadata` of a checkpoint nanotrain writes refers to, by exact (module, name).
+
+    Found by disassembling the `.metadata` of 1-process, DDP and FSDP saves (torch 2.13): DCP's
+    dataclasses, the enum that encodes memory formats, `_StorageInfo`, `torch.Size`, dtypes,
+    `_get_layout` (how torch pickles a layout: a lookup in torch's layouts) and the `PosixPath` of
+    the directory saved to. Python's own `find_class` would resolve a dotted name through module
+    attributes (`torch.distributed.checkpoint.metadata` + `os.system` is `os.system`); a lookup
+    in this table never leaves it.
+    """
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    classes = (metadata.Metadata, metadata.StorageMeta, metadata.MetadataIndex, metadata.TensorStorageMetadata,
+               metadata.TensorProperties, metadata.ChunkStorageMetadata, metadata._MEM_FORMAT_ENCODING)
+    allowed = {("torch.distributed.checkpoint.metadata", cls.__name__): cls for cls in classes}
+    allowed |= {("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)}
+    allowed |= {("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
+                ("torch", "Size"): torch.Size, ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+                ("pathlib", "PosixPath"): PosixPath,
+                ("pathlib._local", "PosixPath"): PosixPath}  # where Python 3.13 pickles it from
+    return allowed
+
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """Unpickles DCP's `.metadata` so that it can build DCP's metadata and nothing else.
+
+    Globals come only from `_metadata_globals`, so a call (REDUCE, NEWOBJ) can only construct
+    one of those classes, make a `torch.Size` or look up a layout: none touches a file or runs
+    code. State (BUILD) may be set only on instances of DCP's dataclasses, which this load has
+    just created: set on a class, a function or an enum member it would change them for the
+    whole process. The pure-Python unpickler is the one whose BUILD can be checked; `.metadata`
+    is small (one entry per tensor chunk), so its speed does not matter.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module, name):
-        if module == "torch.distributed.checkpoint.metadata" or (
-            module == "torch.distributed.checkpoint.filesystem" and name == "_StorageInfo"
-        ):
-            return super().find_class(module, name)
-        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        if (module, name) in {("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                              ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath")}:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in DCP metadata")
+        try:
+            return _metadata_globals()[module, name]
+        except (KeyError, TypeError):  # TypeError: a name that is not a string
+            raise pickle.UnpicklingError(
+                f"global {name!r} of module {module!r} is not allowed in DCP metadata") from None
+
+    def load_build(self):
+        target = self.stack[-2]
+        if isinstance(target, type) or not is_dataclass(target):
+            what = target.__name__ if isinstance(target, type) else type(target).__name__
+            raise pickle.UnpicklingError(f"setting the state of '{what}' is not allowed in DCP metadata")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _read_dcp_metadata(directory: Path):
+    """DCP's `.metadata` in `directory`, unpickled by `_MetadataUnpickler` and checked to describe only `directory`."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    file = directory / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {file}: {e} (it could run code)") from None
+    except Exception as e:  # malformed: a truncated stream, a wrong state for one of DCP's classes
+        raise CheckpointError(f"{file} is not valid DCP metadata ({_first_line(e)})") from None
+    if type(metadata) is not Metadata or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{file} is not valid DCP metadata (it holds a {type(metadata).__name__})")
+    for info in metadata.storage_data.values():
+        # DCP opens `directory / relative_path`: a path that leaves the directory would read any file
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or not (directory / name).is_file():
+            raise CheckpointError(f"{file} names data file {name!r}, which is not a file in {directory}")
+    if not isinstance(metadata.storage_meta, StorageMeta):
+        metadata.storage_meta = StorageMeta()
+    return metadata
 
 
 def _dcp_reader(directory: Path):
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            file = directory / ".metadata"
-            try:
-                with open(file, "rb") as f:
-                    metadata = _MetadataUnpickler(f).load()
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f"refusing to load {file}: {e} (it could run code)") from None
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
+            metadata = _read_dcp_metadata(directory)
             metadata.storage_meta.load_id = getattr(self, "load_id", None)
             return metadata
 
@@ -359,18 +481,47 @@ class Checkpointer:
                  scaler: torch.amp.GradScaler):
         self.cfg, self.env, self.model, self.optimizer, self.scaler = cfg, env, model, optimizer, scaler
         self.loader, self.data_identity, self.tokenizer = data.train, data.identity, data.tokenizer
-        self.root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
+        self.root = checkpoint_root(cfg)
         t = cfg.train
         self.layout = _Layout(env.world_size, t.grad_accum_steps * env.world_size * t.batch_size)
         self.log = print if env.is_main else (lambda *args, **kwargs: None)
-        self.skipped_steps = 0  # updates skipped for non-finite gradients (train.on_nonfinite = skip)
+        self.skipped_steps = 0  # updates skipped as unhealthy (divergence.py; train.on_nonfinite = skip)
         self.last_saved_step = -1
         self.preempted = False
         self._signal_received = False
         self._signal_group = None
         self._previous_handlers = {}
+        if cfg.checkpoint.interval > 0 or cfg.checkpoint.on_preempt:
+            self._prepare_root()
         if cfg.checkpoint.on_preempt:
             self._install_signal_handlers()
+
+    def _prepare_root(self) -> None:
+        """Check that the checkpoint directory can be written, and remove what killed saves left there.
+
+        Now rather than at the first save, after the training it should protect. Rank 0 checks;
+        every rank learns the verdict, so none waits in a collective for one that has stopped.
+        """
+        error = None
+        if self.env.is_main and self.root.exists() and not self.root.is_dir():
+            error = CheckpointError(f"checkpoint directory '{self.root}' is a file; set checkpoint.dir to a directory")
+        elif self.env.is_main:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=self.root):  # unnamed where the OS allows: nothing to clean up
+                    pass
+            except OSError as e:
+                error = CheckpointError(f"checkpoint directory '{self.root}' cannot be written ({e.strerror or e}); "
+                                        "set checkpoint.dir to a writable directory")
+            else:
+                remove_stale_temporaries(self.root, "step_*")
+        failed = torch.tensor([int(error is not None)], device=self.env.device)
+        if dist.is_initialized() and self.env.world_size > 1:
+            dist.broadcast(failed, src=0)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise CheckpointError("rank 0 cannot write the checkpoint directory; see its error")
 
     # -- preemption -------------------------------------------------------------------------------
 
@@ -421,34 +572,46 @@ class Checkpointer:
 
         env, multi = self.env, dist.is_initialized() and self.env.world_size > 1
         final = self.root / step_dir_name(step)
-        owner = torch.tensor([os.getpid() if env.is_main else 0])
+        owner = torch.tensor([os.getpid() if env.is_main else 0], device=env.device)
         if multi:
             dist.all_reduce(owner)  # every rank writes into rank 0's temporary directory
         tmp = temp_directory(final, tag=int(owner))
-        if env.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for leftover in self.root.glob("step_*.tmp-*"):  # from a save killed part-way
-                shutil.rmtree(leftover, ignore_errors=True)
-            tmp.mkdir()
-        if multi:
-            dist.barrier()
+        try:
+            if env.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            if multi:
+                dist.barrier()
 
-        model_state = get_model_state_dict(self.model)  # sharded under FSDP, clean names always
-        optim_state = get_optimizer_state_dict(self.model, self.optimizer)["state"]  # tensors only
-        _save_train_state(dcp, {"model": model_state, "optim": optim_state}, tmp / TRAIN_STATE_DIR)
-        full_weights = self._full_weights(get_model_state_dict)
-        _save_rank_state(tmp / f"rank_{env.rank:05d}.pt",
-                         {"rng": rng_state(env.device), "loader": self.loader.state_dict()})
-        if multi:
-            dist.barrier()
+            model_state = get_model_state_dict(self.model)  # sharded under FSDP, clean names always
+            optim_state = get_optimizer_state_dict(self.model, self.optimizer)["state"]  # tensors only
+            _save_train_state(dcp, {"model": model_state, "optim": optim_state}, tmp / TRAIN_STATE_DIR)
+            full_weights = self._full_weights(get_model_state_dict)
+            _save_rank_state(tmp / f"rank_{env.rank:05d}.pt",
+                             {"rng": rng_state(env.device), "loader": self.loader.state_dict()})
+            if multi:
+                dist.barrier()
+            if env.is_main:
+                _write_weights(tmp / WEIGHTS, full_weights, self.cfg)
+                _write_text(tmp / CONFIG, self.cfg.to_toml())
+                if self.tokenizer is not None:
+                    _write_bytes(tmp / TOKENIZER, self.tokenizer.model_bytes)
+                _write_text(tmp / TRAINER_STATE, json.dumps(self._trainer_state(step), indent=1) + "\n")
+                _write_manifest(tmp, step, kind="training")
+                publish(tmp, final, replace=True)  # replace: a step redone after resuming from an earlier checkpoint
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if env.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint left behind
+            cause = _dcp_failure(e)
+            if isinstance(cause, OSError):  # disk full, permissions changed, storage gone
+                raise CheckpointError(
+                    f"saving checkpoint {final} failed ({_first_line(cause)}); nothing was published and earlier "
+                    f"checkpoints are intact: free space or fix {self.root} (or set checkpoint.dir), "
+                    "then rerun to resume"
+                ) from None
+            raise
         if env.is_main:
-            _write_weights(tmp / WEIGHTS, full_weights, self.cfg)
-            _write_text(tmp / CONFIG, self.cfg.to_toml())
-            if self.tokenizer is not None:
-                _write_bytes(tmp / TOKENIZER, self.tokenizer.model_bytes)
-            _write_text(tmp / TRAINER_STATE, json.dumps(self._trainer_state(step), indent=1) + "\n")
-            _write_manifest(tmp, step, kind="training")
-            publish(tmp, final, replace=True)  # replace: a step redone after resuming from an earlier checkpoint
             self._prune()
             self.log(f"saved checkpoint {final}")
         if multi:
@@ -494,16 +657,18 @@ class Checkpointer:
         path = self._choose()
         if path is None:
             return 0
-        state = json.loads((path / TRAINER_STATE).read_text())
+        state = read_trainer_state(path)
         self._check_compatible(path, state)
         self._load_train_state(path)
         if state["scaler"] and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
+            with _malformed(path, f"{TRAINER_STATE}'s scaler"):
+                self.scaler.load_state_dict(state["scaler"])
         own_file = path / f"rank_{self.env.rank:05d}.pt"
         if state["world_size"] == self.env.world_size and own_file.is_file():
             rank_state = _torch_load(own_file)
-            set_rng_state(rank_state["rng"], self.env.device)
-            self.loader.load_state_dict(rank_state["loader"])
+            with _malformed(path, own_file.name):
+                set_rng_state(rank_state["rng"], self.env.device)
+                self.loader.load_state_dict(rank_state["loader"])
         else:
             self.loader.load_state_dict(state["loader"])  # positions are global: any layout can take them
             reseed = self.cfg.train.seed + 1_000_003 * state["step"] + self.env.rank
@@ -534,7 +699,8 @@ class Checkpointer:
                 chosen = self._pick(given, root)
             except CheckpointError as e:
                 error = e
-        code = torch.tensor([-2 if error else -1 if chosen is None else _step_of(chosen) if root else 0])
+        code = torch.tensor([-2 if error else -1 if chosen is None else _step_of(chosen) if root else 0],
+                            device=self.env.device)
         if dist.is_initialized() and self.env.world_size > 1:
             dist.broadcast(code, src=0)
         if error is not None:
@@ -546,6 +712,8 @@ class Checkpointer:
         return chosen if chosen is not None else (root / step_dir_name(int(code)) if root else given)
 
     def _pick(self, given: Path | None, root: Path | None) -> Path | None:
+        if given is not None:
+            _require_directory(given)
         if root is None:  # an explicit checkpoint directory: use it or fail
             verify(given, kind="training")
             return given
@@ -566,7 +734,7 @@ class Checkpointer:
             self.log(f"resume: newest complete checkpoint is {path}")
             return path
         raise CheckpointError(f"no usable checkpoint in {root} (newest: {problems[0]}); "
-                              "move them away or set checkpoint.resume=none to start over")
+                              "move them away, or start afresh with a new --train.out_dir")
 
     def _check_compatible(self, path: Path, state: dict) -> None:
         saved, now = _flatten(state["config"]), _flatten(self.cfg.to_dict())
@@ -600,11 +768,14 @@ class Checkpointer:
         try:
             with _single_process_quietly():
                 dcp.load(target, storage_reader=reader, planner=_dcp_planner())
-        except CheckpointError:
-            raise
-        except Exception as e:  # DCP wraps per-rank failures; keep the first line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"checkpoint '{path}': {TRAIN_STATE_DIR} does not fit this model/optimizer ({first[:200]})") from None
+        except BaseException as e:  # DCP's CheckpointException is a BaseException that wraps each rank's error
+            cause = _dcp_failure(e)
+            if isinstance(cause, NanotrainError):
+                raise cause from None
+            if not isinstance(cause, Exception):  # Ctrl-C
+                raise
+            raise CheckpointError(f"checkpoint '{path}': {TRAIN_STATE_DIR} cannot be loaded into this model and "
+                                  f"optimizer ({type(cause).__name__}: {_first_line(cause)})") from None
         set_model_state_dict(self.model, target["model"])
         # The hyperparameters come from this run's config (a changed lr is allowed); the state from the file.
         set_optimizer_state_dict(self.model, self.optimizer, {"state": target["optim"], "param_groups": optim["param_groups"]})
@@ -612,6 +783,16 @@ class Checkpointer:
 
 def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step_"))
+
+
+@contextmanager
+def _malformed(path: Path, what: str):
+    """One line for a checkpoint file whose content has the wrong shape (altered, with the manifest to match)."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint '{path}': {what} is malformed ({type(e).__name__}: {_first_line(e)}); "
+                              "resume from another checkpoint") from None
 
 
 @contextmanager

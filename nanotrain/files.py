@@ -9,13 +9,20 @@ complete, so an error, Ctrl-C or crash never leaves an output that looks usable:
 
 Writers that span several processes (a multi-rank checkpoint) use `temp_directory` and
 `publish` directly.
+
+A process killed while writing (SIGKILL, power loss) leaves its temporary directory behind;
+`remove_stale_temporaries` deletes those whose process is gone, and `atomic_directory` calls it
+for its target before it starts.
 """
 
 from __future__ import annotations
 
 import errno
+import fnmatch
+import glob
 import hashlib
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,10 +47,55 @@ def fsync(path: str | Path) -> None:
         os.close(fd)
 
 
+# `[.]<target>.tmp-<pid>` is a directory being built; `<target>.old-<pid>` one being replaced (see publish).
+_LEFTOVER = re.compile(r"(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)")
+
+
 def temp_directory(target: Path, tag: int | str | None = None, hidden: bool = False) -> Path:
-    """Where `target` is built: `<target>.tmp-<tag>` beside it (tag: this process id), dot-prefixed if `hidden`."""
+    """Where `target` is built: `<target>.tmp-<tag>` beside it (tag: this process id), dot-prefixed if `hidden`.
+
+    A numeric tag must be the id of the process that owns the directory (for a multi-process
+    writer, the one that publishes it): `remove_stale_temporaries` deletes it once that process is gone.
+    """
     prefix = "." if hidden else ""
     return target.with_name(f"{prefix}{target.name}.tmp-{os.getpid() if tag is None else tag}")
+
+
+def process_is_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only the existence check
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it exists, as another user's
+        pass
+    return True
+
+
+def remove_stale_temporaries(directory: Path, targets: str = "*") -> list[Path]:
+    """Delete the leftovers of killed writers in `directory` whose target name matches the glob `targets`.
+
+    A temporary directory (`temp_directory`) goes once its process is gone; a live process's is
+    kept, so two writers may work side by side. A directory moved aside by `publish(replace=True)`
+    goes only if its replacement is in place (otherwise it is the only copy). Only names of these
+    two forms are touched, so unrelated files in `directory` are safe. Returns what was removed.
+    """
+    removed = []
+    for child in sorted(directory.iterdir()) if directory.is_dir() else []:
+        match = _LEFTOVER.fullmatch(child.name)
+        if match is None or not child.is_dir():
+            continue
+        name, kind = match["name"], match["kind"]
+        hidden_temp = kind == "tmp" and name.startswith(".") and fnmatch.fnmatchcase(name[1:], targets)
+        if not (fnmatch.fnmatchcase(name, targets) or hidden_temp):
+            continue
+        if kind == "old" and not (directory / name).exists():
+            continue
+        if process_is_alive(int(match["pid"])):
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        removed.append(child)
+    return removed
 
 
 def publish(temp: Path, target: Path, replace: bool = False) -> None:
@@ -77,12 +129,14 @@ def publish(temp: Path, target: Path, replace: bool = False) -> None:
 def atomic_directory(target: Path, hidden: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; publish it as `target` when the block succeeds.
 
-    A stale temporary directory of the same name is cleared first. If the block raises (any
-    exception, KeyboardInterrupt included) or publishing fails, the temporary directory is
-    deleted and the exception propagates (a FileExistsError if `target` was taken meanwhile).
+    Stale temporaries of `target` (this process's own, and those of killed processes) are
+    cleared first. If the block raises (any exception, KeyboardInterrupt included) or
+    publishing fails, the temporary directory is deleted and the exception propagates (a
+    FileExistsError if `target` was taken meanwhile).
     `hidden`: see `temp_directory`.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, glob.escape(target.name))
     temp = temp_directory(target, hidden=hidden)
     shutil.rmtree(temp, ignore_errors=True)
     temp.mkdir()

@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from nanotrain import build_model, checkpoint, distributed, load_config
 from nanotrain.checkpoint import CheckpointError, load_inference, save_inference, verify
+from nanotrain.errors import NanotrainError
+from nanotrain.files import temp_directory
 from nanotrain.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,6 +240,251 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, single):
         with pytest.raises(CheckpointError, match="refusing to load"):
             run_here(out, f"--checkpoint.resume={ckpt}")
         assert not marker.exists()
+
+
+# Crafted `.metadata` files. Python's unpickler resolves a dotted name ("os.system") through the
+# named module's attributes, so each payload names an allowed module and walks out of it.
+DCP_METADATA = "torch.distributed.checkpoint.metadata"
+GADGET = "nanotrain_test_gadget"  # an attribute a BUILD gadget would set on a class or function
+
+
+def pickled_str(text: str) -> bytes:
+    data = text.encode()
+    return pickle.SHORT_BINUNICODE + bytes([len(data)]) + data
+
+
+def crafted_pickle(*ops: bytes) -> bytes:
+    return pickle.PROTO + b"\x04" + b"".join(ops) + pickle.STOP
+
+
+def stack_global(module: str, name: str) -> bytes:
+    return pickled_str(module) + pickled_str(name) + pickle.STACK_GLOBAL
+
+
+def call(argument: str) -> bytes:  # call what is on the stack with one string argument
+    return pickled_str(argument) + pickle.TUPLE1 + pickle.REDUCE
+
+
+def set_gadget_on(module: str, name: str) -> bytes:  # BUILD (None, {GADGET: 1}): setattr on the global itself
+    return (stack_global(module, name) + pickle.NONE + pickle.EMPTY_DICT + pickled_str(GADGET)
+            + pickle.BININT1 + b"\x01" + pickle.SETITEM + pickle.TUPLE2 + pickle.BUILD)
+
+
+def metadata_payloads(marker: Path) -> dict[str, bytes]:
+    touch, write = f"touch {marker}", f"open({str(marker)!r}, 'w').write('ran')"
+    return {
+        "metadata+os.system": crafted_pickle(stack_global(DCP_METADATA, "os.system"), call(touch)),
+        "torch+os.system": crafted_pickle(stack_global("torch", "os.system"), call(touch)),
+        "collections+os.system": crafted_pickle(stack_global("collections", "os.system"), call(touch)),
+        "pathlib+os.system": crafted_pickle(stack_global("pathlib", "os.system"), call(touch)),
+        "filesystem+os.system": crafted_pickle(stack_global("torch.distributed.checkpoint.filesystem", "os.system"),
+                                               call(touch)),
+        "GLOBAL opcode": crafted_pickle(pickle.GLOBAL + f"{DCP_METADATA}\nos.system\n".encode(), call(touch)),
+        "Metadata.__init__.__builtins__": crafted_pickle(
+            stack_global(DCP_METADATA, "Metadata.__init__.__builtins__.get"), call("exec"), call(write)),
+        "BUILD on a class": crafted_pickle(set_gadget_on(DCP_METADATA, "StorageMeta")),
+        "BUILD on a function": crafted_pickle(set_gadget_on("torch.serialization", "_get_layout")),
+    }
+
+
+@pytest.mark.parametrize("payload", list(metadata_payloads(Path("marker"))))
+def test_crafted_dcp_metadata_never_runs_on_resume(tmp_path, single, payload):
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.serialization import _get_layout
+
+    marker = tmp_path / "pwned"
+    out = copy_run(single, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step_00000006"
+    (ckpt / "train_state" / ".metadata").write_bytes(metadata_payloads(marker)[payload])
+    checkpoint._write_manifest(ckpt, 6, "training")  # whoever can write the directory can rewrite the manifest
+    try:
+        for resume in ("auto", str(ckpt)):
+            with pytest.raises(CheckpointError, match=r"refusing to load .*\.metadata: (global|setting the state)"):
+                run_here(out, f"--checkpoint.resume={resume}", "--model.dropout=0.1")
+            assert not marker.exists()
+            assert not hasattr(StorageMeta, GADGET) and not hasattr(_get_layout, GADGET)
+    finally:
+        for target in (StorageMeta, _get_layout):
+            if hasattr(target, GADGET):
+                delattr(target, GADGET)
+
+
+def test_dcp_metadata_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, single):
+    out = copy_run(single, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step_00000006"
+    metadata = checkpoint._read_dcp_metadata(ckpt / "train_state")
+    first = next(iter(metadata.storage_data))
+    metadata.storage_data[first].relative_path = "../rank_00000.pt"
+    (ckpt / "train_state" / ".metadata").write_bytes(pickle.dumps(metadata))
+    checkpoint._write_manifest(ckpt, 6, "training")
+    with pytest.raises(CheckpointError, match=r"names data file '\.\./rank_00000\.pt', which is not a file in"):
+        run_here(out, f"--checkpoint.resume={ckpt}")
+
+
+@pytest.fixture(scope="module")
+def story_run(tmp_path_factory, make_story_dataset):
+    """A 2-step run on a prepared story dataset (so it has a tokenizer) that saved one checkpoint; (run, data)."""
+    root = tmp_path_factory.mktemp("story")
+    data = make_story_dataset(root, 100, seed=2)
+    run_here(root / "run", "--data.source=tokens", f"--data.path={data}", "--model.vocab_size=320",
+             "--train.max_steps=2")
+    return root / "run", data
+
+
+def test_crafted_dcp_metadata_never_runs_from_any_command(tmp_path, story_run):
+    """The exact payload through the CLIs: train refuses in one line; generate, evaluate, export never unpickle it."""
+    run, data = story_run
+    marker = tmp_path / "pwned"
+    out = copy_run(run, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step_00000002"
+    (ckpt / "train_state" / ".metadata").write_bytes(metadata_payloads(marker)["metadata+os.system"])
+    checkpoint._write_manifest(ckpt, 2, "training")
+    python = [sys.executable, "-m"]
+    commands = {
+        "train": [*python, "nanotrain.train", "--config", str(out / "config.toml"), f"--train.out_dir={out}",
+                  "--checkpoint.resume=auto"],
+        "generate": [*python, "nanotrain.generate", "--checkpoint", str(ckpt), "--prompt", "Once upon a time",
+                     "--max_new_tokens", "4"],
+        "evaluate": [*python, "nanotrain.evaluate", "--checkpoint", str(ckpt), "--data", str(data),
+                     "--max_batches", "1"],
+        "export": [*python, "nanotrain.export", "--checkpoint", str(ckpt), "--format", "hf",
+                   "--out", str(tmp_path / "hf")],
+    }
+    env = {**subprocess_env(), "OMP_NUM_THREADS": "1"}
+    procs = {name: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, cmd in commands.items()}  # independent: run them side by side
+    results = {name: (proc.communicate(timeout=SUBPROCESS_TIMEOUT), proc.returncode) for name, proc in procs.items()}
+    (_, train_err), train_code = results.pop("train")
+    assert train_code == 2, train_err[-2000:]
+    assert train_err.splitlines() == [
+        f"error: refusing to load {ckpt / 'train_state' / '.metadata'}: global 'os.system' of module "
+        f"'{DCP_METADATA}' is not allowed in DCP metadata (it could run code)"]
+    for name, ((_, stderr), code) in results.items():
+        assert code == 0, f"{name}: {stderr[-2000:]}"
+    assert not marker.exists()
+
+
+# ---- malformed checkpoints and failing saves: one line, nothing half-written --------------------
+
+def test_malformed_shard_is_one_error(tmp_path, single):
+    out = copy_run(single, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step_00000006"
+    shard = next((ckpt / "train_state").glob("*.distcp"))
+    shard.write_bytes(b"not a tensor file" * 100)
+    checkpoint._write_manifest(ckpt, 6, "training")
+    with pytest.raises(CheckpointError, match=f"checkpoint '{ckpt}': train_state cannot be loaded into this model"):
+        run_here(out, f"--checkpoint.resume={ckpt}")
+
+
+def write_trainer_state(ckpt: Path, content: str) -> None:
+    """Replace the checkpoint's trainer_state.json and rewrite the manifest to match (as an editor would)."""
+    (ckpt / "trainer_state.json").write_text(content)
+    checkpoint._write_manifest(ckpt, 6, "training")
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda state: "{", "is not valid JSON"),
+    (lambda state: '["step", 6]', "lacks or mistypes everything"),
+    (lambda state: {k: v for k, v in state.items() if k != "step"}, "lacks or mistypes step;"),
+    (lambda state: {**state, "step": "6"}, "lacks or mistypes step;"),
+    (lambda state: {**state, "world_size": True}, "lacks or mistypes world_size;"),
+    (lambda state: {**state, "loader": {}}, "lacks or mistypes loader.samples_consumed, loader.samples_per_epoch;"),
+    (lambda state: {**state, "config": {"model": 1}}, "lacks or mistypes config;"),
+], ids=["not JSON", "a list", "no step", "step a string", "world_size a bool", "empty loader", "config section"])
+def test_corrupt_trainer_state_is_one_error(tmp_path, single, change, named):
+    out = copy_run(single, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step_00000006"
+    changed = change(json.loads((ckpt / "trainer_state.json").read_text()))
+    write_trainer_state(ckpt, changed if isinstance(changed, str) else json.dumps(changed))
+    with pytest.raises(CheckpointError, match=f"checkpoint '{ckpt}': trainer_state.json {named}"):
+        run_here(out, f"--checkpoint.resume={ckpt}", "--model.dropout=0.1")
+
+
+def test_auto_resume_falls_back_past_a_corrupt_trainer_state(tmp_path, single, capsys):
+    out = copy_run(single, tmp_path / "run")
+    write_trainer_state(out / "checkpoints" / "step_00000006", "{")
+    run_here(out, "--model.dropout=0.1")
+    log = capsys.readouterr().out
+    assert "skipping unusable checkpoint" in log and "trainer_state.json is not valid JSON" in log
+    assert "step_00000004 at step 4" in log
+    assert_same_run(single, out)
+
+
+@pytest.mark.parametrize("where", ["inside DCP's save", "writing the manifest"])
+def test_failing_save_is_one_error_and_publishes_nothing(tmp_path, monkeypatch, where):
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    disk_full = OSError(28, "No space left on device")
+    if where == "inside DCP's save":  # DCP wraps it in a CheckpointException, a BaseException
+        create_stream = FileSystem.create_stream
+
+        def full_disk_stream(self, path, mode):
+            if "step_00000004" in str(path) and "w" in mode:
+                raise disk_full
+            return create_stream(self, path, mode)
+
+        monkeypatch.setattr(FileSystem, "create_stream", full_disk_stream)
+    else:
+        write_manifest = checkpoint._write_manifest
+
+        def full_disk_manifest(directory, step, kind):
+            if step == 4:
+                raise disk_full
+            write_manifest(directory, step, kind)
+
+        monkeypatch.setattr(checkpoint, "_write_manifest", full_disk_manifest)
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"saving checkpoint .*step_00000004 failed \(\[Errno 28\] No space left "
+                                              r"on device\); nothing was published and earlier checkpoints are intact"):
+        run_here(out)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+    verify(out / "checkpoints" / "step_00000002", kind="training")
+
+
+def test_unwritable_checkpoint_dir_is_found_before_training(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = tmp_path / "run"
+    (out / "checkpoints").parent.mkdir()
+    (out / "checkpoints").write_text("not a directory")  # the default checkpoint.dir
+    for extra, named in [([f"--checkpoint.dir={blocker / 'checkpoints'}"], r"cannot be written \(Not a directory\)"),
+                         ([], "is a file; set checkpoint.dir to a directory")]:
+        with pytest.raises(NanotrainError, match=named):
+            run_here(out, *extra)
+        assert not (out / "metrics.jsonl").exists()  # refused before the first step
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into any directory")
+def test_read_only_checkpoint_dir_is_found_before_training(tmp_path):
+    directory = tmp_path / "ro"
+    directory.mkdir(mode=0o555)
+    with pytest.raises(NanotrainError, match=r"cannot be written \(Permission denied\)"):
+        run_here(tmp_path / "run", f"--checkpoint.dir={directory}")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_file_given_as_checkpoint_is_called_a_file(tmp_path, single):
+    weights_file = single / "checkpoints" / "step_00000006" / "model.safetensors"
+    for load in (verify, load_inference):
+        with pytest.raises(CheckpointError, match=f"checkpoint '{weights_file}' is a file, not a directory"):
+            load(weights_file)
+    for given in (weights_file, single / "metrics.jsonl"):  # one checkpoint, or a directory of them
+        with pytest.raises(CheckpointError, match="is a file, not a directory"):
+            run_here(tmp_path / "run", f"--checkpoint.resume={given}")
+    with pytest.raises(CheckpointError, match=f"checkpoint '{tmp_path / 'nope'}' does not exist"):
+        run_here(tmp_path / "run", f"--checkpoint.resume={tmp_path / 'nope'}")
+
+
+def test_startup_removes_temporaries_of_dead_saves_only(tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", ""])
+    finished.wait()  # reaped: its pid names no process now
+    root = tmp_path / "run" / "checkpoints"
+    dead = temp_directory(root / "step_00000004", tag=finished.pid)
+    live = temp_directory(root / "step_00000099", tag=os.getpid())  # a live writer's (this process)
+    for leftover in (dead, live):
+        (leftover / "train_state").mkdir(parents=True)
+    run_here(tmp_path / "run", "--train.max_steps=2")
+    assert not dead.exists() and live.is_dir()
 
 
 def test_incompatible_resume_is_refused_and_allowed_changes_are_logged(tmp_path, single, capsys):
