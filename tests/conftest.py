@@ -3,6 +3,12 @@
 import pytest
 
 
+def pytest_addoption(parser):
+    parser.addoption("--regenerate-golden", action="store_true",
+                     help="rewrite tests/golden/ from this machine's golden run instead of checking against it "
+                          "(tests/test_generate.py says when)")
+
+
 @pytest.fixture(scope="session")
 def make_story_dataset():
     """prepare(directory, count, seed): a dataset of `count` generated stories with a 320-token tokenizer."""
