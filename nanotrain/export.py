@@ -5,7 +5,8 @@
 
 Export writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads as
 `LlamaForCausalLM`: config.json, model.safetensors (HF parameter names, fp32), the tokenizer
-(tokenizer.model + tokenizer_config.json naming LlamaTokenizer) and generation_config.json.
+(tokenizer.json, which `AutoTokenizer` loads and which encodes and decodes as nanotrain does,
+beside the unchanged tokenizer.model) and generation_config.json.
 Parameter names are translated by model.py's `hf_llama_name` / `nanotrain_name_from_hf`, the
 one table shared with the parity tests; the weights need no permutation because nanotrain's
 RoPE already uses HF's rotate-halves layout. Only the llama flavour has an HF counterpart.
@@ -31,13 +32,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from nanotrain.config import Config, ConfigError, ModelConfig, validate
-from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.files import atomic_directory
 from nanotrain.model import build_model, hf_llama_name, nanotrain_name_from_hf
 
 
 class ExportError(NanotrainError):
     """An export or import that cannot be done, in one line that says why."""
+
+
+SILU_NAMES = ("silu", "swish")  # transformers' two names for x * sigmoid(x), the activation of SwiGLU
 
 
 # ---- nanotrain -> Hugging Face -----------------------------------------------------------------
@@ -81,23 +85,117 @@ def hf_config(model_cfg: ModelConfig, tokenizer=None) -> dict:
 
 
 def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict]:
-    """tokenizer_config.json and special_tokens_map.json for a sentencepiece tokenizer.model."""
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for a sentencepiece tokenizer.
+
+    The config names `PreTrainedTokenizerFast`, so transformers loads tokenizer.json as written.
+    (`LlamaTokenizer` would keep only its vocabulary and merges and put its own Metaspace
+    pre-tokenizer in front, which encodes text that starts with a space differently.)
+    `split_special_tokens`: text that spells "<s>" is encoded as text, as sentencepiece does.
+    """
     def piece(token_id: int):
         return tokenizer.processor.id_to_piece(token_id) if token_id >= 0 else None
 
     special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
                "unk_token": piece(tokenizer.unk_id), "pad_token": piece(tokenizer.pad_id) if tokenizer.has_pad else None}
     config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": tokenizer.bos_id >= 0,  # nanotrain's documents start with BOS
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": tokenizer.bos_id >= 0,  # nanotrain's documents and prompts start with BOS
         "add_eos_token": False,
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
-        "legacy": False,
+        "split_special_tokens": True,
         **special,
     }
-    return {"tokenizer_config.json": config,
+    return {"tokenizer.json": hf_tokenizer_json(tokenizer),
+            "tokenizer_config.json": config,
             "special_tokens_map.json": {k: v for k, v in special.items() if v is not None}}
+
+
+def hf_tokenizer_json(tokenizer) -> dict:
+    """A Hugging Face `tokenizers` description that encodes and decodes exactly as the sentencepiece model.
+
+    Written the way Llama 2's tokenizer.json is: no pre-tokenizer, so the whole text is one word
+    for BPE, as in sentencepiece; a normalizer that adds the dummy-prefix "▁" (always, also before
+    a leading space) and turns spaces into "▁"; the BPE merges of every vocabulary piece, ranked by
+    its score as sentencepiece ranks them; byte fallback; a decoder that undoes the normalizer.
+    Settings this cannot reproduce exactly are refused (see `_check_exportable`).
+    """
+    spec = tokenizer.spec
+    _check_exportable(spec)
+    vocab = {piece: token_id for token_id, (piece, _, _) in enumerate(spec.pieces)}
+    special = [{"id": token_id, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+               for token_id, (piece, _, kind) in enumerate(spec.pieces) if kind in ("control", "unknown")]
+    normalizers = [{"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if spec.add_dummy_prefix:  # sentencepiece adds "▁" to any non-empty text and drops it when decoding
+        normalizers.insert(0, {"type": "Prepend", "prepend": "▁"})
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    post_processor = None
+    if tokenizer.bos_id >= 0:
+        bos = spec.pieces[tokenizer.bos_id][0]
+        post_processor = {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
+        }
+    unk = spec.pieces[tokenizer.unk_id][0] if tokenizer.unk_id >= 0 else None
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                  "ignore_merges": False, "vocab": vocab, "merges": _bpe_merges(spec.pieces)},
+    }
+
+
+def _bpe_merges(pieces) -> list[list[str]]:
+    """Every (left, right) pair of vocabulary pieces that concatenates to a vocabulary piece, best first.
+
+    sentencepiece's BPE merges, at each step, the adjacent pair whose concatenation is the piece of
+    highest score; listing the pairs by that score (ties by piece id, then by the ids of the two
+    halves) gives `tokenizers` the same order. Only normal pieces take part: sentencepiece never
+    forms control or byte pieces from text.
+    """
+    normal = {piece: token_id for token_id, (piece, _, kind) in enumerate(pieces) if kind == "normal"}
+    ranked = []
+    for piece, token_id in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-pieces[token_id][1], token_id, normal[left], normal[right], left, right))
+    return [[left, right] for *_, left, right in sorted(ranked)]
+
+
+def _check_exportable(spec) -> None:
+    """Refuse a sentencepiece model whose behaviour tokenizer.json cannot reproduce exactly."""
+    unsupported = [
+        (spec.model_type != "bpe", f"the {spec.model_type} model type (only BPE is translated)"),
+        (not spec.byte_fallback, "no byte fallback (sentencepiece decodes <unk> as ' ⁇ ', transformers drops it)"),
+        (spec.normalization_rules, "normalization rules (e.g. NFKC)"),
+        (spec.denormalization_rules, "denormalization rules"),
+        (spec.remove_extra_whitespaces, "remove_extra_whitespaces"),
+        (not spec.escape_whitespaces, "unescaped whitespace (escape_whitespaces = false)"),
+        (spec.whitespace_as_suffix, "treat_whitespace_as_suffix"),
+        (any(kind == "user_defined" for *_, kind in spec.pieces), "user-defined pieces"),
+        (any(kind == "unused" for *_, kind in spec.pieces), "unused pieces"),
+    ]
+    found = [what for applies, what in unsupported if applies]
+    if found:
+        raise ExportError(
+            f"the checkpoint's tokenizer.model uses {', '.join(found)}, which a Hugging Face tokenizer.json cannot "
+            "reproduce exactly; only byte-fallback BPE models without these settings export "
+            "(nanotrain's own and Llama 2's)"
+        )
 
 
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
@@ -122,6 +220,8 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
             "GELU MLP and biases instead of RoPE, RMSNorm and SwiGLU); only llama checkpoints export to HF"
         )
 
+    # Built first: a tokenizer that cannot be translated is refused before anything is written.
+    tokenizer_jsons = tokenizer_files(tokenizer, cfg.model.max_position_embeddings) if tokenizer is not None else {}
     with atomic_directory(out, hidden=True) as temp:
         save_file(hf_state_dict(model), temp / "model.safetensors", metadata={"format": "pt"})
         _write_json(temp / "config.json", hf_config(cfg.model, tokenizer))
@@ -129,9 +229,9 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         generation.update({k: v for k, v in hf_config(cfg.model, tokenizer).items() if k.endswith("_token_id")})
         _write_json(temp / "generation_config.json", generation)
         if tokenizer is not None:
-            tokenizer.save(temp / "tokenizer.model")
-            for name, content in tokenizer_files(tokenizer, cfg.model.max_position_embeddings).items():
-                _write_json(temp / name, content)
+            tokenizer.save(temp / "tokenizer.model")  # for sentencepiece users and the import back
+        for name, content in tokenizer_jsons.items():
+            _write_json(temp / name, content)
     return out
 
 
@@ -144,13 +244,15 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
             f"config.json describes model_type '{hf.get('model_type')}', architectures {hf.get('architectures')}; "
             "only Llama (LlamaForCausalLM) directories can be imported"
         )
-    rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
-    scaling = hf.get("rope_scaling") or ({} if rope.get("rope_type", "default") == "default" else rope)
+    rope_key, rope = _rope_settings(hf)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type" is the transformers 4.3x spelling
+    partial_rotary = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     refusals = {
-        "rope_scaling": scaling or None,
+        rope_key: None if rope_type == "default" else rope,
+        "partial_rotary_factor": None if partial_rotary == 1 else partial_rotary,
         "attention_bias": hf.get("attention_bias", False) or None,
         "mlp_bias": hf.get("mlp_bias", False) or None,
-        "hidden_act": None if hf.get("hidden_act", "silu") == "silu" else hf.get("hidden_act"),
+        "hidden_act": None if hf.get("hidden_act", "silu") in SILU_NAMES else hf.get("hidden_act"),
     }
     for key, value in refusals.items():
         if value is not None:
@@ -170,11 +272,26 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
         d_model=hf["hidden_size"],
         d_ff=hf["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),  # the dict wins, as in transformers
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
     )
+
+
+def _rope_settings(hf: dict) -> tuple[str, dict]:
+    """The config.json key that holds the RoPE settings, and its dict, read as transformers 5 reads them.
+
+    transformers 4 writes `rope_theta` beside `rope_scaling` (null for plain RoPE); transformers 5
+    writes `rope_parameters` = {"rope_type": ..., "rope_theta": ...}, and on load a non-empty
+    `rope_scaling` replaces it.
+    """
+    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ExportError(f"config.json sets {key} = {rope!r}; expected an object such as "
+                          '{"rope_type": "default", "rope_theta": 10000.0}')
+    return key, rope
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -267,7 +384,7 @@ def _write_json(path: Path, content: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m nanotrain.export",
         description="Convert between nanotrain checkpoints and Hugging Face Llama directories.",
         epilog="export: --checkpoint CKPT --format hf --out DIR;  import: --hf DIR --format nanotrain --out CKPT",

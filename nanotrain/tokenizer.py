@@ -16,9 +16,12 @@ text and vocab size give a byte-identical model file (tests/test_tokenizer.py ch
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -34,6 +37,30 @@ TRAINING_SENTENCES = 2_000_000  # lines sampled for training: bounds memory on h
 
 class TokenizerError(NanotrainError):
     """A tokenizer problem, described in one line that says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The parts of a sentencepiece model file that decide how text becomes pieces.
+
+    `SentencePieceProcessor` exposes pieces, scores and ids but not these settings; they are read
+    from the file's protobuf (see `Tokenizer.spec`) so that an exported Hugging Face tokenizer can
+    reproduce them exactly, or refuse.
+    """
+
+    pieces: tuple[tuple[str, float, str], ...]  # (piece, score, kind) in id order; kinds are PIECE_KINDS' values
+    model_type: str  # "unigram", "bpe", "word" or "char"
+    byte_fallback: bool  # characters outside the vocabulary become <0xXX> byte pieces, not <unk>
+    add_dummy_prefix: bool  # encode "▁" + text, so a first word gets the same pieces as any other
+    remove_extra_whitespaces: bool  # strip leading/trailing spaces and collapse runs before encoding
+    escape_whitespaces: bool  # spaces become "▁"
+    whitespace_as_suffix: bool  # "▁" ends a word instead of starting it
+    normalization_rules: bool  # a character map (e.g. NFKC) is applied before encoding
+    denormalization_rules: bool  # a character map is applied after decoding
+
+
+PIECE_KINDS = {1: "normal", 2: "unknown", 3: "control", 4: "user_defined", 5: "unused", 6: "byte"}
+MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
 
 class Tokenizer:
@@ -104,6 +131,29 @@ class Tokenizer:
             raise TokenizerError(_explain_training_error(e, vocab_size)) from None
         return cls(model.getvalue())
 
+    @functools.cached_property
+    def spec(self) -> ModelSpec:
+        """The model file's normalization and segmentation settings, read from its protobuf."""
+        model = _message(self.model_bytes)
+        # A sub-message that occurs more than once is merged, which is what parsing the concatenation does.
+        trainer, normalizer, denormalizer = (_message(b"".join(model.get(n, []))) for n in (2, 3, 5))
+        pieces = []
+        for raw in model.get(1, []):
+            piece = _message(raw)
+            score = struct.unpack("<f", _last(piece, 2, b"\0\0\0\0"))[0]
+            pieces.append((_last(piece, 1, b"").decode("utf-8"), score, _name(PIECE_KINDS, _last(piece, 3, 1))))
+        return ModelSpec(
+            pieces=tuple(pieces),
+            model_type=_name(MODEL_TYPES, _last(trainer, 3, 1)),
+            byte_fallback=bool(_last(trainer, 35, 0)),
+            add_dummy_prefix=bool(_last(normalizer, 3, 1)),
+            remove_extra_whitespaces=bool(_last(normalizer, 4, 1)),
+            escape_whitespaces=bool(_last(normalizer, 5, 1)),
+            whitespace_as_suffix=bool(_last(trainer, 24, 0)),
+            normalization_rules=bool(_last(normalizer, 2, b"")),
+            denormalization_rules=bool(_last(denormalizer, 2, b"")),
+        )
+
     def save(self, path: str | Path) -> Path:
         """Write the model file; its bytes (and so its sha256) are unchanged."""
         path = Path(path)
@@ -134,6 +184,54 @@ def _training_lines(texts: Iterable[str]):
                 line = line[MAX_SENTENCE_BYTES // 4 :]
             if line.strip():
                 yield line
+
+
+def _message(data: bytes) -> dict[int, list]:
+    """The fields of a serialized protobuf message: field number -> values in file order.
+
+    Varints come back as int; fixed-width numbers, strings and sub-messages as bytes.
+    A few lines instead of a dependency on the protobuf package, which nanotrain does not need otherwise.
+    """
+    fields: dict[int, list] = {}
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        field, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _varint(data, pos)
+        elif wire_type in (1, 2, 5):
+            if wire_type == 2:
+                size, pos = _varint(data, pos)
+            else:
+                size = 8 if wire_type == 1 else 4
+            value, pos = data[pos : pos + size], pos + size
+            if pos > len(data):
+                raise TokenizerError("the sentencepiece model file is truncated")
+        else:
+            raise TokenizerError(f"the sentencepiece model file has an unknown protobuf wire type {wire_type}")
+        fields.setdefault(field, []).append(value)
+    return fields
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data):
+            raise TokenizerError("the sentencepiece model file is truncated")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _name(names: dict[int, str], number: int) -> str:
+    return names.get(number, f"type {number}")  # a value newer than this code: named, so it can be refused
+
+
+def _last(fields: dict[int, list], number: int, default):
+    """A singular field's value: protobuf lets a later occurrence override an earlier one."""
+    return fields[number][-1] if number in fields else default
 
 
 def _first_line(error: Exception) -> str:

@@ -71,3 +71,42 @@ def test_errors_are_one_line(corpus, tmp_path):
     (tmp_path / "junk.model").write_bytes(b"not a model")
     with pytest.raises(TokenizerError, match="not a sentencepiece model"):
         Tokenizer.load(tmp_path / "junk.model")
+
+
+@pytest.mark.parametrize("settings", [
+    None,  # nanotrain's own training settings
+    {},  # sentencepiece's defaults: unigram, NFKC rules, extra whitespace removed
+    {"model_type": "bpe", "add_dummy_prefix": False, "treat_whitespace_as_suffix": True,
+     "user_defined_symbols": ["<sep>"]},
+])
+def test_spec_reads_the_model_settings_as_protobuf_does(corpus, tok, settings):
+    model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2", reason="the reference needs protobuf")
+    if settings is not None:
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=300,
+                                       minloglevel=2, **settings)
+        tok = Tokenizer(model.getvalue())
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(tok.model_bytes)
+    kinds = {1: "normal", 2: "unknown", 3: "control", 4: "user_defined", 5: "unused", 6: "byte"}
+    assert tok.spec.pieces == tuple((p.piece, p.score, kinds[p.type]) for p in proto.pieces)
+    assert tok.spec.model_type == {1: "unigram", 2: "bpe"}[proto.trainer_spec.model_type]
+    normalizer = proto.normalizer_spec
+    assert (tok.spec.byte_fallback, tok.spec.whitespace_as_suffix) == (
+        proto.trainer_spec.byte_fallback, proto.trainer_spec.treat_whitespace_as_suffix)
+    assert (tok.spec.add_dummy_prefix, tok.spec.remove_extra_whitespaces, tok.spec.escape_whitespaces) == (
+        normalizer.add_dummy_prefix, normalizer.remove_extra_whitespaces, normalizer.escape_whitespaces)
+    assert (tok.spec.normalization_rules, tok.spec.denormalization_rules) == (
+        bool(normalizer.precompiled_charsmap), bool(proto.denormalizer_spec.precompiled_charsmap))
+    if settings == {}:
+        assert tok.spec.model_type == "unigram" and tok.spec.normalization_rules and tok.spec.remove_extra_whitespaces
+    if settings and "user_defined_symbols" in settings:
+        assert not tok.spec.add_dummy_prefix and tok.spec.whitespace_as_suffix
+        assert ("<sep>", 0.0, "user_defined") in tok.spec.pieces
+
+
+def test_spec_of_a_truncated_model_is_one_line(tok):
+    truncated = Tokenizer(tok.model_bytes)
+    truncated.model_bytes = tok.model_bytes[:-3]  # sentencepiece holds the whole model; only the bytes are cut
+    with pytest.raises(TokenizerError, match="truncated"):
+        truncated.spec
