@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ class ModelConfig:
     """The Transformer's shape. `flavour` picks the mini-GPT or the LLaMA variant."""
 
     flavour: str = "llama"  # "llama" | "gpt"
-    vocab_size: int = 32000
+    vocab_size: int = 32000  # load_config: unless set, the data's vocabulary (see follow_the_data)
     max_position_embeddings: int = 2048  # longest sequence the model accepts
     n_layers: int = 4
     n_heads: int = 8
@@ -65,7 +66,7 @@ class DataConfig:
     """Where training tokens come from and how they are batched."""
 
     source: str = "stories"  # "stories" (built-in corpus) | "tokens" (prepared dir) | "random"
-    path: str = ""  # prepared dataset directory, for source = "tokens"
+    path: str = ""  # prepared dataset directory; setting it alone implies source = "tokens"
     mode: str = "packed"  # "packed" (documents concatenated) | "padded" (one document per row)
     num_workers: int = 0  # DataLoader worker processes
     stories_count: int = 6000  # documents the built-in corpus generates
@@ -106,7 +107,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation
     eval_steps: int = 20  # batches per evaluation (split across processes)
-    on_nonfinite: str = "stop"  # "stop" | "skip" when the loss or grad norm is not finite
+    # "stop" | "skip" (the update) when the loss or grad norm is not finite or the loss spikes
+    on_nonfinite: str = "stop"
+    loss_spike_ratio: float = 2.0  # a loss above ~this multiple of the recent mean is a spike (divergence.py); 0 = off
+    max_consecutive_skips: int = 10  # stop after this many skipped updates in a row (fp16 overflows included)
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look up or measure
     sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
     sample_tokens: int = 48  # tokens generated per prompt at each evaluation; 0 disables
@@ -255,12 +259,16 @@ def _apply(cfg: Config, key: str, value) -> None:
     setattr(getattr(cfg, section), name, _coerce(key, value, types[name]))
 
 
-def _apply_table(cfg: Config, table: dict, source: str) -> None:
+def _apply_table(cfg: Config, table: dict, source: str) -> set[str]:
+    """Apply a TOML file's tables; returns the dotted keys it set."""
+    given = set()
     for section, values in table.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: '{section}' must be a [section] table, got {values!r}")
         for name, value in values.items():
             _apply(cfg, f"{section}.{name}", value)
+            given.add(f"{section}.{name}")
+    return given
 
 
 def preset_names() -> list[str]:
@@ -294,14 +302,67 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
-    _apply_table(cfg, table, str(path))
+    in_file, on_command_line = _apply_table(cfg, table, str(path)), set()
     for item in overrides or []:
         key, sep, value = item.removeprefix("--").partition("=")
         if not sep:
             raise ConfigError(f"override '{item}' must look like --section.key=value")
         _apply(cfg, key, value)
+        on_command_line.add(key)
+    follow_the_data(cfg, in_file, on_command_line)
     validate(cfg)
     return cfg
+
+
+def follow_the_data(cfg: Config, in_file: set[str], on_command_line: set[str]) -> None:
+    """Resolve the keys the data decides unless the config file or an override set them.
+
+    A non-empty data.path means the prepared dataset there: data.source becomes "tokens". A
+    conflicting data.source is an error when it was given at the same level as data.path or
+    above it (both in the file, or both on the command line); a `--data.path` override wins
+    over a file's data.source, so `--config RUN/config.toml --data.path=DIR` works.
+    model.vocab_size, unless given, becomes the data's vocabulary: the dataset's (read from its meta.json), else data.stories_vocab_size, the
+    built-in corpus's, which the random source shares so that switching to it keeps the model's
+    shape. The result is concrete, so the saved config.toml reads back to the same run.
+    """
+    d, m = cfg.data, cfg.model
+
+    def level(key: str) -> int:  # 0: default, 1: config file, 2: command line
+        return 2 if key in on_command_line else 1 if key in in_file else 0
+
+    if d.path and d.source in ("stories", "random"):
+        if level("data.source") >= level("data.path"):
+            raise ConfigError(
+                f"data.path = '{d.path}' names a prepared dataset but data.source = '{d.source}'; pass "
+                f"--data.source=tokens to train on the dataset, or leave data.path empty for the {d.source} source"
+            )
+        d.source = "tokens"
+    if level("model.vocab_size") or (d.source == "tokens" and not d.path):  # validate names the missing path
+        return
+    if d.source == "tokens":
+        from nanotrain.data import dataset_vocab_size  # data imports this module (and torch); so, late
+
+        m.vocab_size = dataset_vocab_size(d.path)
+    else:
+        m.vocab_size = d.stories_vocab_size
+
+
+# Float keys for which infinity would mean "no limit": 0 already says that, so the error points to it.
+ZERO_MEANS_OFF = {
+    "optim.grad_clip": "0 disables clipping",
+    "train.peak_tflops": "0 looks the device peak up or measures it",
+    "train.loss_spike_ratio": "0 turns the spike check off",
+}
+
+
+def _require_finite(cfg: Config) -> None:
+    """Refuse nan and ±inf in every float key: nan slips through every comparison (nan < 0 is False)."""
+    for section, cls in _sections().items():
+        for name, annotation in _field_types(cls).items():
+            value, key = getattr(getattr(cfg, section), name), f"{section}.{name}"
+            if annotation is float and not math.isfinite(value):
+                hint = f" ({ZERO_MEANS_OFF[key]})" if key in ZERO_MEANS_OFF else ""
+                raise ConfigError(f"{key} must be a finite number, got {value}{hint}")
 
 
 def validate(cfg: Config) -> None:
@@ -312,6 +373,7 @@ def validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
+    _require_finite(cfg)
     m, t, o, d = cfg.model, cfg.train, cfg.optim, cfg.data
     positive = {
         "model.vocab_size": m.vocab_size, "model.max_position_embeddings": m.max_position_embeddings,
@@ -321,6 +383,7 @@ def validate(cfg: Config) -> None:
         "train.log_every": t.log_every, "train.eval_steps": t.eval_steps,
         "checkpoint.keep_last": cfg.checkpoint.keep_last, "parallel.timeout_s": cfg.parallel.timeout_s,
         "model.norm_eps": m.norm_eps, "model.init_std": m.init_std,
+        "train.max_consecutive_skips": t.max_consecutive_skips,
     }
     if m.flavour == "llama":
         positive["model.rope_theta"] = m.rope_theta
@@ -339,6 +402,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if t.loss_spike_ratio and not t.loss_spike_ratio > 1:
+        raise ConfigError(f"train.loss_spike_ratio must be above 1 (or 0 to turn the spike check off), "
+                          f"got {t.loss_spike_ratio}")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
     for key, beta in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):

@@ -34,7 +34,9 @@ GLOBAL ORDER CONTRACT (what makes results independent of the process layout)
 `train.state_dict()` records the number of global samples consumed; `load_state_dict()` puts
 the iterator back exactly there (also with a different world size, when W*B divides it).
 Memmaps are opened lazily and reopened in each DataLoader worker (`data.num_workers > 0`);
-nothing reads the whole dataset into memory.
+nothing reads the whole dataset into memory. A dataset's meta.json, file sizes and document
+offsets are validated once when it is opened (`open_meta`), and every batch is checked for token
+ids outside the vocabulary before it is handed out, so damaged data stops a run with one line.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import torch
 from nanotrain.config import Config
 from nanotrain.errors import NanotrainError
 from nanotrain.loss import IGNORE_INDEX
-from nanotrain.prepare import FORMAT_VERSION, prepare_stories, read_meta
+from nanotrain.prepare import FORMAT_VERSION, SPLITS, prepare_stories, read_meta
 from nanotrain.tokenizer import Tokenizer, TokenizerError
 
 RANDOM_VAL_STREAM = 1  # the random source's val samples come from a stream of their own
@@ -74,7 +76,22 @@ class TokenSplit:
         self.dtype = np.dtype(meta["dtype"])
         self.num_tokens = meta["splits"][split]["tokens"]
         self.num_documents = meta["splits"][split]["documents"]
+        self.vocab_size = meta["vocab_size"]
         self._tokens = self._offsets = None
+
+    def check(self, batch: dict) -> dict:
+        """The batch, unless it holds a token id outside the vocabulary (a damaged or tampered .bin).
+
+        One max over the batch, in the training process (an error raised in a DataLoader worker
+        would arrive wrapped in its traceback): the id never reaches the embedding.
+        """
+        largest = int(batch["input_ids"].max())
+        if largest >= self.vocab_size:
+            raise DataError(
+                f"'{self.tokens_path}' holds token id {largest}, outside the dataset's {self.vocab_size}-token "
+                "vocabulary: the file is damaged; prepare the dataset again"
+            )
+        return batch
 
     @property
     def tokens(self) -> np.ndarray:
@@ -92,11 +109,19 @@ class TokenSplit:
         return {**self.__dict__, "_tokens": None, "_offsets": None}
 
 
-class PackedSamples(torch.utils.data.Dataset):
-    """Sample i = tokens[i*T : (i+1)*T]; labels are the same tokens (the loss shifts them)."""
+class TokenSamples(torch.utils.data.Dataset):
+    """Samples cut from one split of a prepared dataset."""
 
     def __init__(self, split: TokenSplit, seq_len: int):
         self.split, self.seq_len = split, seq_len
+
+    def check(self, batch: dict) -> dict:
+        """The collated batch, after refusing token ids outside the vocabulary (see TokenSplit.check)."""
+        return self.split.check(batch)
+
+
+class PackedSamples(TokenSamples):
+    """Sample i = tokens[i*T : (i+1)*T]; labels are the same tokens (the loss shifts them)."""
 
     def __len__(self) -> int:
         return self.split.num_tokens // self.seq_len
@@ -106,11 +131,12 @@ class PackedSamples(torch.utils.data.Dataset):
         return {"input_ids": window, "labels": window.clone()}
 
 
-class PaddedSamples(torch.utils.data.Dataset):
+class PaddedSamples(TokenSamples):
     """Sample i = document i (its first T tokens), left padded, with mask and -100 labels on padding."""
 
     def __init__(self, split: TokenSplit, seq_len: int, pad_id: int):
-        self.split, self.seq_len, self.pad_id = split, seq_len, pad_id
+        super().__init__(split, seq_len)
+        self.pad_id = pad_id
 
     def __len__(self) -> int:
         return self.split.num_documents
@@ -129,6 +155,10 @@ class RandomSamples(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return 2**62  # endless: positions never wrap into a second epoch
+
+    def check(self, batch: dict) -> dict:
+        """The batch as it is: its ids are drawn inside [0, vocab_size)."""
+        return batch
 
     def __getitem__(self, i: int) -> dict:
         rng = np.random.default_rng([self.seed, self.stream, i])
@@ -221,7 +251,7 @@ class TrainBatches:
                     collate_fn=collate, pin_memory=self.pin_memory))
             batch = next(self._loader_iter)
         self.micro_batches += 1
-        return batch
+        return self.samples.check(batch)
 
     @property
     def samples_consumed(self) -> int:
@@ -272,7 +302,8 @@ class Data:
 
     def val_batches(self):
         """This rank's share of the fixed evaluation set, one micro-batch per eval step, made lazily."""
-        return (collate([self._val_samples[i] for i in positions]) for positions in self._val_positions)
+        return (self._val_samples.check(collate([self._val_samples[i] for i in positions]))
+                for positions in self._val_positions)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -300,15 +331,21 @@ def build_data(cfg: Config, rank: int = 0, world_size: int = 1) -> Data:
 
     if d.source == "stories":
         path = prepare_stories(d.stories_count, d.stories_vocab_size, d.stories_seed, verbose=rank == 0)
+        remedy = f"delete '{path}' and the built-in corpus is built again"
     else:
-        path = Path(d.path)
-    meta = _open_meta(path)
-    if meta["vocab_size"] > cfg.model.vocab_size:
+        path, remedy = Path(d.path), "prepare it again"
+    meta = open_meta(path, remedy)
+    vocab, model_vocab = meta["vocab_size"], cfg.model.vocab_size
+    if vocab > model_vocab:
         raise DataError(
-            f"dataset '{path}' has a {meta['vocab_size']}-token vocabulary but model.vocab_size is "
-            f"{cfg.model.vocab_size}; set --model.vocab_size={meta['vocab_size']}"
+            f"dataset '{path}' has a {vocab}-token vocabulary but model.vocab_size is {model_vocab}; "
+            f"set --model.vocab_size={vocab}, or leave it unset and it follows the data"
         )
-    tokenizer = _open_tokenizer(path, meta)
+    if vocab < model_vocab:
+        notes.append(f"model.vocab_size ({model_vocab}) exceeds the data's {vocab}-token vocabulary: "
+                     f"{model_vocab - vocab} embedding rows never see a token "
+                     f"(--model.vocab_size={vocab} fits exactly)")
+    tokenizer = _open_tokenizer(path, meta, remedy)
 
     def samples(split: str):
         token_split = TokenSplit(path, split, meta)
@@ -355,31 +392,108 @@ def _val_layout(steps: int, total: int, rank: int, world_size: int, batch_size: 
             for k in range(min(steps, total // per_micro_batch))]
 
 
-def _open_meta(path: Path) -> dict:
-    if not path.is_dir():
+def dataset_vocab_size(path: str | Path) -> int:
+    """The vocabulary of the prepared dataset at `path`: what model.vocab_size follows when not set."""
+    return open_meta(Path(path))["vocab_size"]
+
+
+def open_meta(path: Path, remedy: str = "prepare it again") -> dict:
+    """The dataset's meta.json, once checked in full against what the reader relies on.
+
+    Every field the loader uses is validated here, and the files' sizes and document offsets
+    against it, so a damaged or hand-edited dataset is refused in one line at start-up;
+    `remedy` says how to get a good one.
+    """
+    if not path.exists():
         raise DataError(f"data.path '{path}' does not exist; make it with `python -m nanotrain.prepare INPUT --out {path} --vocab_size N`")
+    if not path.is_dir():
+        raise DataError(f"data.path '{path}' is a file, not a directory; "
+                        "pass the directory `python -m nanotrain.prepare --out DIR` made")
     meta = read_meta(path)
     if meta is None:
         raise DataError(f"data.path '{path}' is not a prepared dataset (no readable meta.json); make it with `python -m nanotrain.prepare`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"dataset '{path}' has format version {meta.get('format_version')}, this nanotrain reads "
                         f"{FORMAT_VERSION}; prepare it again")
+    problem = _meta_problem(meta)
+    if problem:
+        raise DataError(f"dataset '{path}' is damaged: meta.json {problem}; {remedy}")
     itemsize = np.dtype(meta["dtype"]).itemsize
-    for split, info in meta["splits"].items():
+    for split in SPLITS:
+        info = meta["splits"][split]
         for name, expected in ((info["file"], info["tokens"] * itemsize), (info["index"], (info["documents"] + 1) * 8)):
             file = path / name
             if not file.is_file() or file.stat().st_size != expected:
-                raise DataError(f"dataset '{path}' is damaged: {name} is missing or not {expected} bytes; prepare it again")
+                raise DataError(f"dataset '{path}' is damaged: {name} is missing or not {expected} bytes; {remedy}")
+        if not _offsets_are_documents(path / info["index"], info["tokens"]):
+            raise DataError(f"dataset '{path}' is damaged: {info['index']} does not hold increasing document "
+                            f"offsets from 0 to {info['tokens']}; {remedy}")
     return meta
 
 
-def _open_tokenizer(path: Path, meta: dict) -> Tokenizer:
+def _meta_problem(meta: dict) -> str | None:
+    """What makes a meta.json unusable (the reader trusts every field it uses), or None."""
+    vocab = meta.get("vocab_size")
+    if not _is_count(vocab) or vocab == 0:
+        return f"has vocab_size {vocab!r}, not a positive integer"
+    dtype = meta.get("dtype")
+    if dtype not in ("uint16", "uint32") or np.iinfo(dtype).max < vocab - 1:
+        return f"has dtype {dtype!r}, not uint16 or uint32 wide enough for {vocab} token ids"
+    if not isinstance(meta.get("identity"), str) or not meta["identity"]:
+        return f"has identity {meta.get('identity')!r}, not a hash string"
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict) or not _is_file_name(tokenizer.get("file")) \
+            or not isinstance(tokenizer.get("sha256"), str):
+        return f"has tokenizer {tokenizer!r}, not a file name in the dataset and its sha256"
+    recorded_ids = ["bos_id", "eos_id", "pad_id"] + (["max_token_id"] if "max_token_id" in meta else [])
+    for key in recorded_ids:  # (datasets prepared before max_token_id was recorded lack it; batches are checked)
+        if not (_is_count(meta.get(key)) and meta[key] < vocab):
+            return f"has {key} {meta.get(key)!r}, not a token id below vocab_size {vocab}"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or any(not isinstance(splits.get(split), dict) for split in SPLITS):
+        return f"has no 'splits' entries {' and '.join(map(repr, SPLITS))}"
+    for split in SPLITS:
+        info = splits[split]
+        if not (_is_file_name(info.get("file")) and _is_file_name(info.get("index"))
+                and _is_count(info.get("tokens")) and _is_count(info.get("documents"))
+                and info["documents"] <= info["tokens"]):
+            return f"has splits.{split} = {info!r}, not file and index names with document and token counts"
+    return None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_file_name(value) -> bool:
+    """A plain name of a file inside the dataset directory: meta.json never points elsewhere."""
+    return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
+
+
+def _offsets_are_documents(index_path: Path, num_tokens: int) -> bool:
+    """Offsets start at 0, end at the token count and strictly increase (each document holds BOS and EOS).
+
+    A decreasing pair would make an empty, fully masked padded row; read in chunks to keep memory flat.
+    """
+    offsets = np.memmap(index_path, dtype=np.uint64, mode="r")
+    if offsets[0] != 0 or offsets[-1] != num_tokens:
+        return False
+    chunk = 2**24
+    # neighbouring blocks share an entry, so every pair is compared
+    blocks = (offsets[i : i + chunk + 1] for i in range(0, len(offsets) - 1, chunk))
+    return all(bool((block[1:] > block[:-1]).all()) for block in blocks)
+
+
+def _open_tokenizer(path: Path, meta: dict, remedy: str) -> Tokenizer:
     try:
         tokenizer = Tokenizer.load(path / meta["tokenizer"]["file"])
     except TokenizerError as e:
         raise DataError(str(e)) from None
     if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
-        raise DataError(f"dataset '{path}': tokenizer.model does not match the sha256 in meta.json; prepare it again")
+        raise DataError(f"dataset '{path}': tokenizer.model does not match the sha256 in meta.json; {remedy}")
+    if tokenizer.vocab_size != meta["vocab_size"]:
+        raise DataError(f"dataset '{path}' is damaged: its tokenizer has {tokenizer.vocab_size} tokens but meta.json "
+                        f"says vocab_size {meta['vocab_size']}; {remedy}")
     return tokenizer
 
 
@@ -389,7 +503,7 @@ def unigram_entropy(dataset_dir: str | Path, split: str = "train") -> float:
     A language model's loss falling below it shows the model uses context, not just frequencies.
     """
     path = Path(dataset_dir)
-    meta = _open_meta(path)
+    meta = open_meta(path)
     tokens = TokenSplit(path, split, meta).tokens
     counts = np.zeros(meta["vocab_size"], dtype=np.int64)
     for start in range(0, len(tokens), 2**24):  # chunks keep memory flat on large splits

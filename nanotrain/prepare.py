@@ -15,7 +15,8 @@ The output directory holds:
                         the padded loader finds document boundaries without a scan
   tokenizer.model       the sentencepiece model that produced the tokens
   meta.json             written last: format version, identity hash, tokenizer sha256, ids,
-                        dtype, per-split document and token counts, sources and settings
+                        dtype, per-split document and token counts, the largest token id,
+                        sources and settings
 
 Each document goes to val with probability --val_fraction, by a draw from a generator seeded
 with --seed, in input order: the split is a function of the inputs and the seed only.
@@ -40,7 +41,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.files import atomic_directory, sha256_file
 from nanotrain.stories import GENERATOR_VERSION, generate_stories
 from nanotrain.tokenizer import Tokenizer, TokenizerError
@@ -208,17 +209,23 @@ def _identity(request: dict) -> str:
 
 
 def read_meta(directory: str | Path) -> dict | None:
+    """The JSON object in `directory/meta.json`, or None when there is none (its fields are not checked here)."""
     path = Path(directory) / "meta.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _check_out_dir(out: Path, identity: str) -> dict | None:
     """The existing dataset's meta if --out already holds this very dataset; raise if another."""
+    existing = _nearest_existing(out)
+    if not existing.is_dir():
+        where = "" if existing == out else f": '{existing}'"
+        raise PrepareError(f"--out '{out}'{where} is a file, not a directory; choose another --out")
     if not out.exists():
         return None
     if out.is_dir() and not any(out.iterdir()):
@@ -228,6 +235,11 @@ def _check_out_dir(out: Path, identity: str) -> dict | None:
         return meta
     what = "a different dataset" if meta is not None else "other files"
     raise PrepareError(f"--out '{out}' already holds {what}; choose another --out or delete it first")
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists: where a directory would be created, or what blocks it."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
 
 
 def prepare(inputs: list[str], out: str | Path, *, vocab_size: int | None = None, tokenizer: str | None = None,
@@ -288,7 +300,8 @@ def prepare_documents(documents: Callable[[], Iterable[tuple[str, int]]], out: s
             if loaded is None:
                 loaded = _train_tokenizer(documents, vocab_size, total_bytes, verbose)
             loaded.save(temp / "tokenizer.model")
-            splits = _encode(documents, loaded, temp, val_fraction, seed, workers, total_bytes, verbose)
+            splits, max_token_id = _encode(documents, loaded, temp, val_fraction, seed, workers, total_bytes,
+                                           verbose)
             meta = {
                 "format_version": FORMAT_VERSION,
                 "identity": identity,
@@ -299,6 +312,7 @@ def prepare_documents(documents: Callable[[], Iterable[tuple[str, int]]], out: s
                 "dtype": token_dtype(loaded.vocab_size).name,
                 "document_layout": "BOS text EOS",
                 "splits": splits,
+                "max_token_id": max_token_id,  # the reader checks it against the vocabulary at start-up
                 "sources": sources,
                 "val_fraction": val_fraction, "seed": seed, **(settings or {}),
                 "prepare_seconds": round(time.perf_counter() - start, 2),
@@ -339,14 +353,17 @@ def _train_tokenizer(documents, vocab_size: int, total_bytes: int, verbose: bool
 
 
 def _encode(documents, tokenizer: Tokenizer, directory: Path, val_fraction: float, seed: int,
-            workers: int | None, total_bytes: int, verbose: bool) -> dict:
-    """Tokenize every document into train.bin/val.bin and their .idx offsets; returns per-split counts."""
+            workers: int | None, total_bytes: int, verbose: bool) -> tuple[dict, int]:
+    """Tokenize every document into train.bin/val.bin and their .idx offsets.
+
+    Returns the per-split counts and the largest token id written.
+    """
     dtype = token_dtype(tokenizer.vocab_size)
     draw = np.random.default_rng(seed)  # one draw per document, in input order
     bins = {s: open(directory / f"{s}.bin", "wb") for s in SPLITS}
     lengths: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     progress = Progress("encoding", total_bytes, verbose)
-    count = 0
+    count = max_token_id = 0
     try:
         stream = iter(documents())
         while True:
@@ -360,6 +377,7 @@ def _encode(documents, tokenizer: Tokenizer, directory: Path, val_fraction: floa
                 doc_lengths = np.fromiter((len(ids) for ids in chosen), dtype=np.uint64, count=len(chosen))
                 flat = np.fromiter(itertools.chain.from_iterable(chosen), dtype=dtype, count=int(doc_lengths.sum()))
                 bins[split].write(flat.tobytes())
+                max_token_id = max(max_token_id, int(flat.max(initial=0)))
                 lengths[split].append(doc_lengths)
             count += len(batch)
             progress.update(count, done)
@@ -376,7 +394,7 @@ def _encode(documents, tokenizer: Tokenizer, directory: Path, val_fraction: floa
         offsets.tofile(directory / f"{split}.idx")
         splits[split] = {"file": f"{split}.bin", "index": f"{split}.idx",
                          "documents": int(len(doc_lengths)), "tokens": int(offsets[-1])}
-    return splits
+    return splits, max_token_id
 
 
 def _take_bytes(stream: Iterator[tuple[str, int]], budget: int) -> tuple[list[str], int]:
@@ -414,8 +432,12 @@ def prepare_stories(count: int, vocab_size: int, seed: int = 0, verbose: bool = 
     out = cache_dir() / f"stories-v{GENERATOR_VERSION}-n{count}-v{vocab_size}-s{seed}"
     if read_meta(out) is not None:
         return out  # the common case: no lock, no hashing
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.lock", "w") as lock, _exclusive(lock):
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.parent / f"{out.name}.lock", "w")
+    except OSError as e:
+        raise PrepareError(_unwritable_cache(out.parent, e)) from None
+    with lock, _exclusive(lock):
         if read_meta(out) is not None:
             return out  # another process built it while we waited for the lock
         stories = generate_stories(count, seed)
@@ -433,7 +455,17 @@ def prepare_stories(count: int, vocab_size: int, seed: int = 0, verbose: bool = 
                               vocab_size=vocab_size, seed=seed, verbose=verbose)
         except PrepareError as e:  # speak in the config keys the user actually set
             raise PrepareError(f"built-in story corpus: {e}".replace("--vocab_size", "data.stories_vocab_size")) from None
+        except OSError as e:  # e.g. the disk filled up; the temporary directory is already gone
+            raise PrepareError(_unwritable_cache(out.parent, e)) from None
     return out
+
+
+def _unwritable_cache(directory: Path, error: OSError) -> str:
+    """The one-line message for a cache directory that cannot be created or written, and its fix."""
+    blocker = _nearest_existing(directory)
+    reason = f"'{blocker}' is a file, not a directory" if not blocker.is_dir() else error.strerror or str(error)
+    return (f"cannot write the built-in corpus cache '{directory}' ({reason}); set NANOTRAIN_CACHE to a writable "
+            "directory, or train on a prepared dataset with --data.path=DIR")
 
 
 @contextlib.contextmanager
@@ -454,8 +486,8 @@ def _exclusive(file):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nanotrain-prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="nanotrain-prepare", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text/jsonl files or directories of them")
     p.add_argument("--out", required=True, help="dataset directory to create")
     p.add_argument("--vocab_size", type=int, help="train a BPE tokenizer of this size on the inputs")

@@ -1,12 +1,17 @@
 """The loader: global order across layouts, disjoint rank shards, exact resume, padded rows, validation."""
 
+import json
+import os
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
-from nanotrain.config import load_config
+from nanotrain.config import ConfigError, load_config
 from nanotrain.data import DataError, MicroBatchSampler, build_data, unigram_entropy
-from nanotrain.prepare import prepare_documents
+from nanotrain.prepare import PrepareError, prepare_documents
 from nanotrain.stories import generate_stories
 
 T = 32
@@ -21,9 +26,8 @@ def dataset(tmp_path_factory):
     return out
 
 
-def config(dataset, *overrides, source="tokens"):
-    return load_config(None, [f"--data.source={source}", f"--data.path={dataset}", "--model.vocab_size=512",
-                              f"--train.seq_len={T}", "--train.eval_steps=3", *overrides])
+def config(dataset, *overrides):
+    return load_config(None, [f"--data.path={dataset}", f"--train.seq_len={T}", "--train.eval_steps=3", *overrides])
 
 
 def rows(batches):
@@ -154,6 +158,10 @@ def test_small_val_split_is_shortened_with_a_note(dataset):
 def test_build_errors_are_one_line(dataset, tmp_path):
     with pytest.raises(DataError, match="does not exist; make it with"):
         build_data(config(tmp_path / "nowhere"), 0, 1)
+    (tmp_path / "afile").write_text("not a dataset")
+    for vocab in ([], ["--model.vocab_size=400"]):  # found resolving the vocabulary, or opening the data
+        with pytest.raises(DataError, match=re.escape(f"data.path '{tmp_path / 'afile'}' is a file, not a directory")):
+            build_data(config(tmp_path / "afile", *vocab), 0, 1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not a prepared dataset"):
         build_data(config(tmp_path / "empty"), 0, 1)
@@ -169,3 +177,157 @@ def test_unigram_entropy_matches_a_hand_computation(dataset):
     p = p[p > 0]
     assert unigram_entropy(dataset, "val") == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-9)
     assert 0 < unigram_entropy(dataset) < np.log(400)
+
+
+# ----------------------------------------------------------------------------- data.path decides the data
+
+
+def test_data_path_alone_means_the_dataset_and_its_vocabulary(dataset, tmp_path):
+    cfg = load_config(None, [f"--data.path={dataset}"])
+    assert cfg.data.source == "tokens" and cfg.model.vocab_size == 400
+    saved = tmp_path / "config.toml"
+    saved.write_text(cfg.to_toml())
+    assert load_config(str(saved)) == cfg  # the resolved values are what is saved
+    assert load_config(None, [f"--data.path={dataset}", "--data.source=tokens"]) == cfg
+    assert load_config(None, ["--data.stories_vocab_size=512"]).model.vocab_size == 512  # the built-in corpus's
+    for source in ("stories", "random"):
+        with pytest.raises(ConfigError, match=re.escape(
+                f"data.path = '{dataset}' names a prepared dataset but data.source = '{source}'; "
+                "pass --data.source=tokens")):
+            load_config(None, [f"--data.source={source}", f"--data.path={dataset}"])
+    stories_run = load_config(None)
+    saved.write_text(stories_run.to_toml())  # a stories run's saved config sets its source explicitly
+    moved = load_config(str(saved), [f"--data.path={dataset}"])  # the command line wins over the file
+    assert moved.data.source == "tokens" and moved.model.vocab_size == stories_run.model.vocab_size
+    saved.write_text(f'[data]\nsource = "stories"\npath = "{dataset}"\n')  # one file saying both
+    with pytest.raises(ConfigError, match="but data.source = 'stories'"):
+        load_config(str(saved))
+
+
+def test_vocab_size_below_the_data_is_refused_and_above_it_noted(dataset):
+    with pytest.raises(DataError, match="has a 400-token vocabulary but model.vocab_size is 300; "
+                                        "set --model.vocab_size=400"):
+        build_data(config(dataset, "--model.vocab_size=300"), 0, 1)
+    notes = build_data(config(dataset, "--model.vocab_size=512"), 0, 1).notes
+    assert notes[0] == ("model.vocab_size (512) exceeds the data's 400-token vocabulary: 112 embedding rows never "
+                        "see a token (--model.vocab_size=400 fits exactly)")
+    assert not any("vocab" in note for note in build_data(config(dataset), 0, 1).notes)
+
+
+def test_a_run_on_data_path_alone_saves_and_resumes_its_resolved_config(dataset, tmp_path):
+    from nanotrain.train import train
+
+    run = tmp_path / "run"
+    tiny = [f"--data.path={dataset}", f"--train.out_dir={run}", "--model.n_layers=1", "--model.d_model=32",
+            "--model.n_heads=2", "--model.d_ff=64", f"--train.seq_len={T}", "--train.batch_size=4",
+            "--train.eval_every=0", "--train.eval_steps=1", "--train.sample_tokens=0", "--train.log_every=1",
+            "--optim.warmup_steps=1", "--checkpoint.interval=2", "--checkpoint.on_preempt=false",
+            "--train.peak_tflops=1"]
+    first = train(load_config(None, tiny + ["--train.max_steps=2"]))
+    assert first.model.tok_embeddings.num_embeddings == 400
+    again = load_config(str(run / "config.toml"), ["--train.max_steps=3"])
+    assert again == load_config(None, tiny + ["--train.max_steps=3"])
+    assert set(train(again).losses) == {3}  # resumed from the step-2 checkpoint
+
+
+# ----------------------------------------------------------------------------- damaged datasets
+
+
+def copy_of(dataset, tmp_path, change_meta=None):
+    """A copy of the dataset to damage; `change_meta(meta)` returns the meta.json to write instead."""
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    if change_meta is not None:
+        meta = json.loads((copy / "meta.json").read_text())
+        (copy / "meta.json").write_text(json.dumps(change_meta(meta)))
+    return copy
+
+
+def with_split(meta, split, **change):
+    return {**meta, "splits": {**meta["splits"], split: {**meta["splits"][split], **change}}}
+
+
+META_DAMAGE = {
+    "no splits": (lambda m: {k: v for k, v in m.items() if k != "splits"}, "has no 'splits' entries 'train' and 'val'"),
+    "no val split": (lambda m: {**m, "splits": {"train": m["splits"]["train"]}}, "has no 'splits' entries"),
+    "bogus dtype": (lambda m: {**m, "dtype": "float99"}, "has dtype 'float99', not uint16 or uint32"),
+    "narrow dtype": (lambda m: {**m, "vocab_size": 70000},
+                     "has dtype 'uint16', not uint16 or uint32 wide enough for 70000"),
+    "vocab as text": (lambda m: {**m, "vocab_size": "400"}, "has vocab_size '400', not a positive integer"),
+    "tokenizer elsewhere": (lambda m: {**m, "tokenizer": {**m["tokenizer"], "file": "../tokenizer.model"}},
+                            "not a file name in the dataset and its sha256"),
+    "negative token count": (lambda m: with_split(m, "train", tokens=-1), "has splits.train = "),
+    "file outside": (lambda m: with_split(m, "val", file="/etc/passwd"), "has splits.val = "),
+    "pad id beyond vocab": (lambda m: {**m, "pad_id": 400}, "has pad_id 400, not a token id below vocab_size 400"),
+    "max id beyond vocab": (lambda m: {**m, "max_token_id": 400}, "has max_token_id 400, not a token id below"),
+    "no identity": (lambda m: {**m, "identity": None}, "has identity None, not a hash string"),
+    "not an object": (lambda m: [m], "is not a prepared dataset (no readable meta.json)"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # torchelastic's record() under pytest
+@pytest.mark.parametrize("case", sorted(META_DAMAGE))
+def test_a_damaged_meta_json_is_one_line_from_the_command_line(case, dataset, tmp_path, capsys):
+    from nanotrain.train import main
+
+    change, phrase = META_DAMAGE[case]
+    copy = copy_of(dataset, tmp_path, change)
+    with pytest.raises(SystemExit) as exit_info:  # refused while the config is resolved, before any work
+        main([f"--data.path={copy}", f"--train.out_dir={tmp_path / 'run'}", "--train.max_steps=1",
+              "--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.d_ff=64"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and phrase in err, err
+    with pytest.raises(DataError, match=re.escape(phrase)):  # and likewise where the vocabulary is given
+        build_data(config(copy, "--model.vocab_size=512"), 0, 1)
+
+
+def test_damaged_document_offsets_are_refused(dataset, tmp_path):
+    copy = copy_of(dataset, tmp_path)
+    offsets = np.fromfile(copy / "train.idx", dtype=np.uint64)
+    offsets[[5, 6]] = offsets[[6, 5]]
+    offsets.tofile(copy / "train.idx")
+    with pytest.raises(DataError, match=re.escape(
+            f"train.idx does not hold increasing document offsets from 0 to {offsets[-1]}; prepare it again")):
+        build_data(config(copy), 0, 1)
+
+
+def test_a_dataset_prepared_before_max_token_id_was_recorded_is_read(dataset, tmp_path):
+    copy = copy_of(dataset, tmp_path, lambda m: {k: v for k, v in m.items() if k != "max_token_id"})
+    assert "max_token_id" in json.loads((dataset / "meta.json").read_text())
+    assert torch.equal(next(build_data(config(copy), 0, 1).train)["input_ids"],
+                       next(build_data(config(dataset), 0, 1).train)["input_ids"])
+
+
+@pytest.mark.parametrize("split,workers", [("train", 0), ("train", 1), ("val", 0)])
+def test_token_ids_outside_the_vocabulary_stop_before_the_model(dataset, tmp_path, split, workers):
+    copy = copy_of(dataset, tmp_path)
+    tokens = np.fromfile(copy / f"{split}.bin", dtype=np.uint16)
+    tokens[::T] = 60000  # the first token of every packed sample
+    tokens.tofile(copy / f"{split}.bin")
+    data = build_data(config(copy, "--train.batch_size=4", f"--data.num_workers={workers}"), 0, 1)
+    with pytest.raises(DataError, match=re.escape(
+            f"'{copy / split}.bin' holds token id 60000, outside the dataset's 400-token vocabulary")):
+        next(data.train if split == "train" else data.val_batches())
+
+
+def test_an_unwritable_corpus_cache_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    cfg = load_config(None, ["--data.stories_count=20"])
+    for cache in (blocker, blocker / "sub"):
+        monkeypatch.setenv("NANOTRAIN_CACHE", str(cache))
+        with pytest.raises(PrepareError, match=re.escape(
+                f"cannot write the built-in corpus cache '{cache}' ('{blocker}' is a file, not a directory); "
+                "set NANOTRAIN_CACHE to a writable directory")):
+            build_data(cfg, 0, 1)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="file permissions do not bind root")
+def test_a_read_only_corpus_cache_is_named(tmp_path, monkeypatch):
+    cfg = load_config(None, ["--data.stories_count=20"])
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    monkeypatch.setenv("NANOTRAIN_CACHE", str(read_only))
+    with pytest.raises(PrepareError, match=re.escape(
+            f"cannot write the built-in corpus cache '{read_only}' (Permission denied)")):
+        build_data(cfg, 0, 1)

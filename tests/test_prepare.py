@@ -56,6 +56,7 @@ def test_shards_equal_the_tokenization_of_the_input(prepared):
     assert meta["splits"]["val"] == {"file": "val.bin", "index": "val.idx", "documents": len(val),
                                      "tokens": sum(map(len, val))}
     assert all(doc[0] == tok.bos_id and doc[-1] == tok.eos_id for doc in train + val)
+    assert meta["max_token_id"] == max(max(doc) for doc in train + val)  # what the reader checks at start-up
 
 
 def test_same_command_is_a_no_op_and_a_different_dataset_is_refused(prepared, tmp_path):
@@ -108,6 +109,7 @@ def _bad_inputs(tmp: Path) -> dict:
     write_delimited(tmp / "small.txt", DOCS[:3])
     write_delimited(tmp / "ok.txt", DOCS[:20])
     (tmp / "taken").mkdir()
+    (tmp / "a_file").write_text("not a directory")
     (tmp / "taken" / "something.txt").write_text("not a dataset")
     return {
         "missing": ([str(tmp / "nope.txt"), "--vocab_size", "300"], "does not exist"),
@@ -118,11 +120,15 @@ def _bad_inputs(tmp: Path) -> dict:
         "out holds other files": ([str(tmp / "ok.txt"), "--vocab_size", "300", "--out", str(tmp / "taken")],
                                   "already holds other files"),
         "no tokenizer choice": ([str(tmp / "ok.txt")], "exactly one of --vocab_size"),
+        "out is a file": ([str(tmp / "ok.txt"), "--vocab_size", "300", "--out", str(tmp / "a_file")],
+                          f"--out '{tmp / 'a_file'}' is a file, not a directory"),
+        "out is inside a file": ([str(tmp / "ok.txt"), "--vocab_size", "300", "--out", str(tmp / "a_file" / "ds")],
+                                 f"--out '{tmp / 'a_file' / 'ds'}': '{tmp / 'a_file'}' is a file, not a directory"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no delimiter", "invalid utf-8", "vocab too large",
-                                  "out holds other files", "no tokenizer choice"])
+                                  "out holds other files", "no tokenizer choice", "out is a file", "out is inside a file"])
 def test_each_bad_input_gives_one_line_and_leaves_nothing(case, tmp_path, capsys):
     args, phrase = _bad_inputs(tmp_path)[case]
     before = leftovers(tmp_path)
