@@ -9,4 +9,6 @@ if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
 fi
 # one thread per process unless told otherwise, so N processes share the cores instead of fighting
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec torchrun --standalone --nproc_per_node="$NPROC" -m nanotrain.train --train.device=cpu "$@"
+# forward_signals.sh: a SIGTERM or Ctrl-C makes every rank save a checkpoint, and the script exit 0
+exec bash "$(dirname "$0")/forward_signals.sh" \
+  torchrun --standalone --nproc_per_node="$NPROC" -m nanotrain.train --train.device=cpu "$@"

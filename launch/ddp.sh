@@ -10,6 +10,8 @@ if [[ "${1:-}" =~ ^[0-9]+$ ]]; then
 else
   NPROC=$(nvidia-smi -L | wc -l)
 fi
-# --standalone: a local rendezvous on a free port, so two jobs on one machine never collide
-exec torchrun --standalone --nproc_per_node="$NPROC" -m nanotrain.train \
+# --standalone: a local rendezvous on a free port, so two jobs on one machine never collide;
+# forward_signals.sh: a SIGTERM or Ctrl-C makes every rank save a checkpoint, and the script exit 0
+exec bash "$(dirname "$0")/forward_signals.sh" \
+  torchrun --standalone --nproc_per_node="$NPROC" -m nanotrain.train \
   --train.device=cuda --parallel.strategy=ddp "$@"

@@ -10,7 +10,8 @@ set -euo pipefail
 : "${MASTER_ADDR:?set MASTER_ADDR, the rendezvous host (node 0)}"
 MASTER_PORT=${MASTER_PORT:-29500}
 NPROC_PER_NODE=${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}
-exec torchrun \
+# forward_signals.sh: a SIGTERM or Ctrl-C on any node makes every rank of every node save, and exit 0
+exec bash "$(dirname "$0")/forward_signals.sh" torchrun \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
   --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv_id="${RDZV_ID:-nanotrain}" \
   -m nanotrain.train --train.device=cuda "$@"

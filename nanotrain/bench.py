@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from nanotrain import distributed
 from nanotrain.config import ModelConfig, load_config
 from nanotrain.distributed import DistEnv
-from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.metrics import device_peak_tflops, peak_memory
 from nanotrain.model import build_model, flops_per_token, hf_llama_name
 from nanotrain.optim import build_optimizer
@@ -179,7 +179,7 @@ def reference_side(name: str, model: nn.Module, cfg, env: DistEnv, precision: Pr
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m nanotrain.bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m nanotrain.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tinystories-20m", help="preset name or .toml path (model shape)")
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)

@@ -22,7 +22,7 @@ import torch
 from nanotrain.config import ConfigError, validate
 from nanotrain.data import DataError, build_data, to_device
 from nanotrain.distributed import DistEnv, all_reduce_sum
-from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.generate import check_device
 from nanotrain.loss import count_valid_tokens
 from nanotrain.precision import Precision
@@ -116,8 +116,8 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = "val", prec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m nanotrain.evaluate",
-                                     description="Loss and perplexity of a checkpoint on a prepared dataset.")
+    parser = ArgumentParser(prog="python -m nanotrain.evaluate",
+                            description="Loss and perplexity of a checkpoint on a prepared dataset.")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--data", required=True, help="dataset directory made by nanotrain.prepare")
     parser.add_argument("--split", default="val", choices=("val", "train"))

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.model import KVCache
 
 
@@ -205,7 +205,7 @@ def sample_completions(model: torch.nn.Module, tokenizer, train_cfg, precision=N
 # ---- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m nanotrain.generate",
         description="Complete prompts with a trained nanotrain checkpoint.",
     )

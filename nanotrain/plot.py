@@ -7,12 +7,11 @@ Needs matplotlib (`pip install 'nanotrain[plot]'`).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
 
-from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -80,7 +79,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanotrain.plot", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m nanotrain.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="directories holding metrics.jsonl")
     parser.add_argument("--out", type=Path, help="PNG to write (default: RUN_DIR/curves.png of the first run)")
     args = parser.parse_args(argv)

@@ -10,12 +10,12 @@ in its own module and enters here through one named seam:
     next_token_loss                                  summed loss + valid-token count
     model(..., loss_reduction="sum", fused_loss=)    the same sum; fused: head + loss, no logits tensor
     speed.waiting_for_data / speed.report            tokens/s, MFU, peak memory, data vs compute
+    guard.check / update_skipped                     divergence: non-finite or spiking loss, skips in a row
     checkpointer.restore / maybe_save                exact resume, periodic and preemption saves
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
@@ -27,13 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanotrain import distributed
+from nanotrain import distributed, run_directory
 from nanotrain.checkpoint import Checkpointer, load_pretrained
 from nanotrain.config import Config, describe_keys, load_config, preset_names
 from nanotrain.data import build_data, to_device
 from nanotrain.distributed import DistEnv, all_reduce_sum
+from nanotrain.divergence import DivergenceGuard
 from nanotrain.evaluate import mean_loss
-from nanotrain.errors import NanotrainError, exit_on_error
+from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.generate import sample_completions
 from nanotrain.loss import count_valid_tokens
 from nanotrain.metrics import MetricsLog, SpeedMeter, format_step
@@ -73,12 +74,8 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32
     run_dir = Path(t.out_dir)
-    if env.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(cfg.to_toml())
-        except OSError as e:
-            raise NanotrainError(f"train.out_dir '{run_dir}' cannot be written ({e.strerror}); choose another") from None
+    if env.is_main:  # before anything is written: lock the run's directories, refuse to start over a run
+        run_directory.claim(cfg, cleanup, log)
     log(cfg.to_toml())
 
     data = build_data(cfg, env.rank, env.world_size)
@@ -104,6 +101,8 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
     checkpointer = Checkpointer(cfg, env, data, model, optimizer, precision.scaler)
     cleanup.callback(checkpointer.close)  # hand SIGTERM/SIGINT back however the run ends
     step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
+    if env.is_main:  # only now that the run goes ahead: a refused resume leaves the run's config alone
+        run_directory.write_config(run_dir, cfg)
     if step >= t.max_steps:
         log(f"nothing to train: the run is already at step {step} of train.max_steps={t.max_steps}; "
             "raise --train.max_steps to continue it, or pass a new --train.out_dir to start afresh")
@@ -112,6 +111,7 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
     result = TrainResult()
     train_start = last_log_time = time.perf_counter()
     last_log_step = step
+    guard = DivergenceGuard(t, step, checkpointer.root)  # non-finite and spiking losses; skipped updates
 
     # ---- the loop: one optimizer step per iteration -----------------------------------------
     while step < t.max_steps:
@@ -143,15 +143,16 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
 
         precision.scaler.unscale_(optimizer)
         grad_norm = distributed.clip_grad_norm(model, cfg.optim.grad_clip)
-        # fp16's GradScaler skips non-finite updates itself; otherwise one scalar host sync per step.
-        if not precision.scaler.is_enabled() and not torch.isfinite(grad_norm):
-            if t.on_nonfinite == "stop":
-                raise NanotrainError(
-                    f"non-finite loss or gradient at step {step + 1}; lower train.lr, or set "
-                    "train.on_nonfinite=skip to skip such steps"
-                )
-            log(f"step {step + 1}: non-finite gradient, update skipped")
+        # One scalar host sync per step: the update is applied only if loss and gradient look
+        # healthy (divergence.py). fp16's GradScaler judges the gradient itself: an overflow
+        # there calls for a lower loss scale, not for the skip policy.
+        step_loss, norm = torch.stack([all_reduce_sum(step_loss_sum) / global_valid_tokens, grad_norm]).tolist()
+        problem = guard.check(step + 1, step_loss, 0.0 if precision.scaler.is_enabled() else norm)
+        if problem:
+            log(f"step {step + 1}: {problem}, update skipped")
             checkpointer.skipped_steps += 1
+            precision.scaler.update()  # fp16: ends this step's unscale_ (and lowers the scale on overflow)
+            guard.update_skipped(step + 1, problem)
         else:
             scale_before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
             precision.scaler.step(optimizer)
@@ -159,18 +160,20 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
             if scale_before is not None and precision.scaler.get_scale() < scale_before:
                 log(f"step {step + 1}: fp16 gradients overflowed, update skipped "
                     f"(loss scale {scale_before:g} -> {precision.scaler.get_scale():g})")
+                guard.update_skipped(step + 1, "fp16 gradient overflow")
+            else:
+                guard.update_applied()
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
         if step % t.log_every == 0 or step == t.max_steps:
-            step_loss = (all_reduce_sum(step_loss_sum) / global_valid_tokens).item()
             now = time.perf_counter()
             step_time = (now - last_log_time) / (step - last_log_step)
             record = {
                 "step": step,
                 "loss": step_loss,
                 "lr": lr,
-                "grad_norm": grad_norm.item(),
+                "grad_norm": norm,
                 **speed.report(step - last_log_step, now - last_log_time),  # tokens/s, MFU, memory, data/compute
                 "tokens_seen": step * tokens_per_step,
                 "elapsed_s": now - train_start,
@@ -194,7 +197,10 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
                 log("\n".join(f"sample: {text!r}" for text in samples))
             last_log_time = time.perf_counter()  # keep evaluation out of the throughput figure
 
-        checkpointer.maybe_save(step)  # every checkpoint.interval steps, at the last step, on SIGTERM/SIGINT
+        # Never a periodic or preemption save of weights whose newest check failed: during a run of
+        # skipped steps it would replace the healthy checkpoints (the final step still saves).
+        if guard.healthy or step == t.max_steps:
+            checkpointer.maybe_save(step)  # every checkpoint.interval steps, at the last step, on SIGTERM/SIGINT
         if checkpointer.preempted:
             break
 
@@ -204,7 +210,7 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
 
 def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     """Split the command line into a preset and dotted overrides (`--a.b=v` or `--a.b v`)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m nanotrain.train",
         description="Train a language model. Any config field can be overridden as --section.key=value.",
         epilog=f"presets: {', '.join(preset_names())}; --help-config lists every key",

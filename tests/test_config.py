@@ -73,3 +73,43 @@ def test_command_line_error_is_one_line_and_exit_2():
     assert proc.stderr.strip().splitlines() == [
         "error: model.d_model (128) must be divisible by model.n_heads (3)"
     ]
+
+
+@pytest.mark.parametrize("key", ["optim.grad_clip", "train.lr", "optim.eps", "optim.weight_decay", "model.rope_theta",
+                                 "model.norm_eps", "train.peak_tflops", "train.loss_spike_ratio", "optim.beta1"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_numbers_are_refused_naming_the_key(key, value):
+    # nan passes every `< 0` check, and inf passes every `> 0` one: each would otherwise be accepted somewhere
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"--{key}={value}"])
+    assert str(info.value).startswith(f"{key} must be a finite number, got {value}")
+
+
+def test_non_finite_numbers_in_a_toml_file_are_refused(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[optim]\ngrad_clip = nan\n")
+    with pytest.raises(ConfigError, match=r"^optim.grad_clip must be a finite number, got nan \(0 disables clipping\)$"):
+        load_config(str(path))
+    path.write_text("[model]\nrope_theta = +inf\n")
+    with pytest.raises(ConfigError, match=r"^model.rope_theta must be a finite number, got inf$"):
+        load_config(str(path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--train.loss_spike_ratio=1"], "train.loss_spike_ratio must be above 1 (or 0 to turn the spike check off), got 1.0"),
+    (["--train.loss_spike_ratio=-2"], "train.loss_spike_ratio must be above 1"),
+    (["--train.max_consecutive_skips=0"], "train.max_consecutive_skips must be positive, got 0"),
+])
+def test_divergence_keys_are_validated(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    assert load_config(None, ["--train.loss_spike_ratio=0"]).train.loss_spike_ratio == 0  # 0: the check is off
+
+
+def test_non_finite_number_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nanotrain.train", "--optim.grad_clip=nan"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: optim.grad_clip must be a finite number, got nan (0 disables clipping)"]
+    assert not any(tmp_path.iterdir())  # refused before the run directory was made
