@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py layouts SPEC.json OUT_DIR
         Joins the process group once, then for each {"name", "overrides"} in SPEC.json runs
-        nanotrain.train.train() and has rank 0 save {losses, val_losses, state} to OUT_DIR/name.pt,
+        nanotrain.trainer.train() and has rank 0 save {losses, val_losses, state} to OUT_DIR/name.pt,
         state being the full (gathered, unwrapped) parameters. Runs whose name starts with "init-"
         save the parallelized model's parameters before any step instead of training.
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py raise OVERRIDE ...
@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import nanotrain.train
+import nanotrain.trainer
 from nanotrain import distributed
 from nanotrain.config import load_config
 from nanotrain.model import build_model
@@ -43,7 +44,7 @@ def run_layouts(spec_file: str, out_dir: str) -> None:
             model = distributed.parallelize(build_model(cfg.model, seed=cfg.train.seed), cfg, env)
             record = {"state": full_state(model)}
         else:
-            result = nanotrain.train.train(cfg)
+            result = nanotrain.trainer.train(cfg)
             record = {"losses": result.losses, "val_losses": result.val_losses, "state": full_state(result.model)}
         if dist.get_rank() == 0:
             torch.save(record, Path(out_dir) / f"{run['name']}.pt")
@@ -51,7 +52,7 @@ def run_layouts(spec_file: str, out_dir: str) -> None:
 
 
 def raise_on_rank_1(overrides: list[str]) -> None:
-    real_build_data = nanotrain.train.build_data
+    real_build_data = nanotrain.trainer.build_data
 
     def build_data_that_fails(cfg, rank, world_size):
         data = real_build_data(cfg, rank, world_size)
@@ -73,7 +74,7 @@ def raise_on_rank_1(overrides: list[str]) -> None:
             data.train = FailingBatches()
         return data
 
-    nanotrain.train.build_data = build_data_that_fails
+    nanotrain.trainer.build_data = build_data_that_fails
     nanotrain.train.main(overrides)
 
 

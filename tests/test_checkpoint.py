@@ -20,7 +20,7 @@ from nanotrain import build_model, checkpoint, distributed, load_config
 from nanotrain.checkpoint import CheckpointError, load_inference, save_inference, verify
 from nanotrain.errors import NanotrainError
 from nanotrain.files import temp_directory
-from nanotrain.train import train
+from nanotrain.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

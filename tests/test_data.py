@@ -215,7 +215,7 @@ def test_vocab_size_below_the_data_is_refused_and_above_it_noted(dataset):
 
 
 def test_a_run_on_data_path_alone_saves_and_resumes_its_resolved_config(dataset, tmp_path):
-    from nanotrain.train import train
+    from nanotrain.trainer import train
 
     run = tmp_path / "run"
     tiny = [f"--data.path={dataset}", f"--train.out_dir={run}", "--model.n_layers=1", "--model.d_model=32",

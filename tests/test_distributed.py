@@ -31,7 +31,7 @@ from nanotrain.data import build_data
 from nanotrain.distributed import init, resolve_strategy
 from nanotrain.loss import count_valid_tokens, next_token_loss
 from nanotrain.model import build_model
-from nanotrain.train import train
+from nanotrain.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "distributed_worker.py"

@@ -6,13 +6,14 @@ import math
 import pytest
 
 from nanotrain.config import load_config
-from nanotrain.evaluate import evaluate_checkpoint, main
+from nanotrain.evaluate import main
+from nanotrain.evaluation import evaluate_checkpoint
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, make_story_dataset):
     """A prepared story dataset and a 10-step run that saved a checkpoint and logged its val loss."""
-    from nanotrain.train import train
+    from nanotrain.trainer import train
 
     root = tmp_path_factory.mktemp("eval")
     make_story_dataset(root, 200, seed=1)

@@ -170,7 +170,7 @@ def test_export_then_import_gives_identical_weights(tmp_path, tokenizer_path, ti
 
 def test_imported_checkpoint_trains_and_generates(tmp_path, tokenizer_path, capsys):
     from nanotrain.generate import main as generate_main
-    from nanotrain.train import train
+    from nanotrain.trainer import train
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
     back = import_hf(export_hf(ckpt, tmp_path / "hf"), tmp_path / "back")

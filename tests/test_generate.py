@@ -10,9 +10,10 @@ from safetensors.torch import load_file, save_file
 from nanotrain.checkpoint import save_inference
 from nanotrain.config import ModelConfig, load_config
 from nanotrain.files import sha256_file
-from nanotrain.generate import (GenerationError, encode_prompt, filter_logits, generate, main, sample_completions,
-                                sample_next)
+from nanotrain.generate import main
 from nanotrain.model import build_model
+from nanotrain.sampling import (GenerationError, encode_prompt, filter_logits, generate, sample_completions,
+                                sample_next)
 
 PROMPTS = [[5, 17, 3, 9, 30, 2, 11], [7, 8], [40, 1, 1, 22]]
 
@@ -184,7 +185,7 @@ def test_sample_completions_continue_the_prompts(story_tokenizer):
 # ---- golden: one fixed pipeline, story text to greedy text, checked against tests/golden/ ----------
 #
 # The golden run prepares 300 generated stories with a 320-token tokenizer, trains a 39k-parameter
-# llama for 200 steps from seed 0 through nanotrain.train.train, and greedy-decodes two prompts
+# llama for 200 steps from seed 0 through nanotrain.trainer.train, and greedy-decodes two prompts
 # (one left-padded batch, KV cache) from the weights that run produced, shipped as
 # tests/golden/model.safetensors. tests/golden/golden.json holds what the run gave, and three tests
 # compare this machine's run with it:
@@ -316,7 +317,7 @@ def golden_dataset(tmp_path_factory, make_story_dataset):
 
 @pytest.fixture(scope="module")
 def golden_training(golden_dataset):
-    from nanotrain.train import train
+    from nanotrain.trainer import train
 
     return train(golden_config(golden_dataset, golden_dataset.parent / "run"))
 

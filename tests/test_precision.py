@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import nanotrain.precision as precision_module
-import nanotrain.train as train_module
+import nanotrain.trainer as trainer_module
 from nanotrain.config import ConfigError, load_config
 from nanotrain.distributed import DistEnv, parallelize
 from nanotrain.model import build_model
 from nanotrain.precision import Precision
-from nanotrain.train import train
+from nanotrain.trainer import train
 
 TINY = [
     "--model.n_layers=2", "--model.d_model=32", "--model.n_heads=4", "--model.n_kv_heads=2",
@@ -74,7 +74,7 @@ def test_fp16_grad_scaler_skips_a_step_with_an_infinite_gradient(tmp_path, monke
         model.lm_head.weight.register_hook(poison)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_poisoned_model)
+    monkeypatch.setattr(trainer_module, "build_model", build_poisoned_model)
     result = run(tmp_path, "fp16", "--train.max_steps=6", "--train.precision=fp16")
     out = capsys.readouterr().out
     skip = re.search(rf"step {poisoned_step}: fp16 gradients overflowed, update skipped \(loss scale (\d+) -> (\d+)\)", out)

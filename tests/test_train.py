@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from nanotrain import distributed, precision
-from nanotrain import train as train_module
+from nanotrain import trainer as trainer_module
 from nanotrain.checkpoint import list_checkpoints
 from nanotrain.config import TrainConfig, load_config
 from nanotrain.data import unigram_entropy
 from nanotrain.divergence import DivergenceError, DivergenceGuard
 from nanotrain.model import build_model
 from nanotrain.prepare import prepare_stories
-from nanotrain.train import train
+from nanotrain.trainer import train
 
 TINY = [
     "--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2",
@@ -128,7 +128,7 @@ def test_fp16_overflow_skips_count_but_a_few_at_the_start_do_not_stop(tmp_path, 
         model.lm_head.weight.register_hook(poison)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", build_overflowing_model)
+    monkeypatch.setattr(trainer_module, "build_model", build_overflowing_model)
     with pytest.raises(DivergenceError) as info:
         train(load_config(None, RANDOM + [f"--train.out_dir={tmp_path / 'run'}", "--train.max_steps=20",
                                           "--train.precision=fp16", "--train.max_consecutive_skips=3"]))

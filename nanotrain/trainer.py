@@ -1,0 +1,207 @@
+"""The training loop (library): `train(cfg)` runs one job, in this process or as one torchrun rank.
+
+The command `python -m nanotrain.train` (train.py) parses the command line and calls it.
+The loop reads top to bottom, nanoGPT style: set-up, then one optimizer step per iteration
+(learning rate, micro-steps with accumulation, clip, step, log, evaluate). Each feature lives
+in its own module and enters here through one named seam:
+
+    distributed.process_group / parallelize / gradient_sync   processes, DDP, FSDP, no_sync
+    precision.autocast / precision.scaler            bf16 and fp16
+    build_data(...).train                            batches in a world-size-independent order
+    next_token_loss                                  summed loss + valid-token count
+    model(..., loss_reduction="sum", fused_loss=)    the same sum; fused: head + loss, no logits tensor
+    speed.waiting_for_data / speed.report            tokens/s, MFU, peak memory, data vs compute
+    guard.check / update_skipped                     divergence: non-finite or spiking loss, skips in a row
+    checkpointer.restore / maybe_save                exact resume, periodic and preemption saves
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanotrain import distributed, run_directory
+from nanotrain.checkpoint import Checkpointer, load_pretrained
+from nanotrain.config import Config
+from nanotrain.data import build_data, to_device
+from nanotrain.distributed import DistEnv, all_reduce_sum
+from nanotrain.divergence import DivergenceGuard
+from nanotrain.evaluation import mean_loss
+from nanotrain.sampling import sample_completions
+from nanotrain.loss import count_valid_tokens
+from nanotrain.metrics import MetricsLog, SpeedMeter, format_step
+from nanotrain.model import build_model, parameter_report
+from nanotrain.optim import build_optimizer, lr_at, set_lr
+from nanotrain.precision import Precision
+
+
+@dataclass
+class TrainResult:
+    """What a finished run hands back to Python callers (tests, notebooks)."""
+
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, at log steps
+    val_losses: dict[int, float] = field(default_factory=dict)  # step -> val loss
+    model: torch.nn.Module | None = None  # the plain (unwrapped) model
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run one training job as described by `cfg` (in this process, or as one torchrun rank)."""
+    with distributed.process_group(cfg) as env, ExitStack() as cleanup:
+        return _train(cfg, env, cleanup)
+
+
+def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
+    t = cfg.train
+    log = print if env.is_main else (lambda *args, **kwargs: None)
+
+    # ---- set-up ---------------------------------------------------------------------------
+    seed_everything(t.seed + env.rank)  # dropout differs per rank; weights come from build_model's seed
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = t.tf32
+        torch.backends.cudnn.allow_tf32 = t.tf32
+    run_dir = Path(t.out_dir)
+    if env.is_main:  # before anything is written: lock the run's directories, refuse to start over a run
+        run_directory.claim(cfg, cleanup, log)
+    log(cfg.to_toml())
+
+    data = build_data(cfg, env.rank, env.world_size)
+    for note in data.notes:
+        log(f"note: {note}")
+    model = build_model(cfg.model, seed=t.seed)
+    if t.init_from:  # start from trained or imported weights (a resumed checkpoint still wins)
+        load_pretrained(model, cfg.model, t.init_from)
+    log(parameter_report(model))
+    precision = Precision(t.precision, env.device, env.strategy)
+    model = distributed.parallelize(model, cfg, env, precision.fsdp_param_dtype)
+    optimizer = build_optimizer(model, cfg.optim, t.lr)
+
+    tokens_per_step = t.grad_accum_steps * env.world_size * t.batch_size * t.seq_len
+    log(f"device {env.device} | strategy {env.strategy} | world size {env.world_size} | precision {precision.describe()}")
+    log(
+        f"tokens per optimizer step = {t.grad_accum_steps} accum x {env.world_size} processes "
+        f"x {t.batch_size} batch x {t.seq_len} seq = {tokens_per_step:,}"
+    )
+    speed = SpeedMeter.for_run(cfg, env.device, env.world_size, tokens_per_step)  # tokens/s, MFU, memory
+    log(speed.describe())
+
+    checkpointer = Checkpointer(cfg, env, data, model, optimizer, precision.scaler)
+    cleanup.callback(checkpointer.close)  # hand SIGTERM/SIGINT back however the run ends
+    step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
+    if env.is_main:  # only now that the run goes ahead: a refused resume leaves the run's config alone
+        run_directory.write_config(run_dir, cfg)
+    if step >= t.max_steps:
+        log(f"nothing to train: the run is already at step {step} of train.max_steps={t.max_steps}; "
+            "raise --train.max_steps to continue it, or pass a new --train.out_dir to start afresh")
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if env.is_main else None, append=step > 0)
+    cleanup.callback(metrics.close)
+    result = TrainResult()
+    train_start = last_log_time = time.perf_counter()
+    last_log_step = step
+    guard = DivergenceGuard(t, step, checkpointer.root)  # non-finite and spiking losses; skipped updates
+
+    # ---- the loop: one optimizer step per iteration -----------------------------------------
+    while step < t.max_steps:
+        lr = lr_at(step, t.lr, t.max_steps, cfg.optim)
+        set_lr(optimizer, lr)
+
+        # Fetch every micro-batch first: the loss is normalised by the valid tokens of the whole
+        # step on all ranks, which must be known before the first backward.
+        with speed.waiting_for_data():
+            micro_batches = [next(data.train) for _ in range(t.grad_accum_steps)]
+        valid_tokens = sum(count_valid_tokens(b["labels"]) for b in micro_batches)
+        global_valid_tokens = all_reduce_sum(valid_tokens.to(env.device, torch.float32)).clamp(min=1)
+
+        step_loss_sum = torch.zeros((), device=env.device)
+        for micro_step, batch in enumerate(micro_batches):
+            batch = to_device(batch, env.device)
+            is_last = micro_step == t.grad_accum_steps - 1
+            with distributed.gradient_sync(model, enabled=is_last):
+                with precision.autocast():
+                    _, loss_sum = model(  # fused_loss: head + loss in chunks, no (B, T, V) logits
+                        batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                        loss_reduction="sum", fused_loss=t.fused_loss,
+                    )
+                # DDP and FSDP average gradients over ranks; scaling by world_size turns that mean
+                # back into a sum, so the step's gradient is that of (all losses) / (all valid tokens).
+                loss = loss_sum * (env.world_size / global_valid_tokens)
+                precision.scaler.scale(loss).backward()
+            step_loss_sum += loss_sum.detach()
+
+        precision.scaler.unscale_(optimizer)
+        grad_norm = distributed.clip_grad_norm(model, cfg.optim.grad_clip)
+        # One scalar host sync per step: the update is applied only if loss and gradient look
+        # healthy (divergence.py). fp16's GradScaler judges the gradient itself: an overflow
+        # there calls for a lower loss scale, not for the skip policy.
+        step_loss, norm = torch.stack([all_reduce_sum(step_loss_sum) / global_valid_tokens, grad_norm]).tolist()
+        problem = guard.check(step + 1, step_loss, 0.0 if precision.scaler.is_enabled() else norm)
+        if problem:
+            log(f"step {step + 1}: {problem}, update skipped")
+            checkpointer.skipped_steps += 1
+            precision.scaler.update()  # fp16: ends this step's unscale_ (and lowers the scale on overflow)
+            guard.update_skipped(step + 1, problem)
+        else:
+            scale_before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+            if scale_before is not None and precision.scaler.get_scale() < scale_before:
+                log(f"step {step + 1}: fp16 gradients overflowed, update skipped "
+                    f"(loss scale {scale_before:g} -> {precision.scaler.get_scale():g})")
+                guard.update_skipped(step + 1, "fp16 gradient overflow")
+            else:
+                guard.update_applied()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            now = time.perf_counter()
+            step_time = (now - last_log_time) / (step - last_log_step)
+            record = {
+                "step": step,
+                "loss": step_loss,
+                "lr": lr,
+                "grad_norm": norm,
+                **speed.report(step - last_log_step, now - last_log_time),  # tokens/s, MFU, memory, data/compute
+                "tokens_seen": step * tokens_per_step,
+                "elapsed_s": now - train_start,
+                "eta_s": (t.max_steps - step) * step_time,
+            }
+            metrics.write(record)
+            log(format_step(record, t.max_steps))
+            result.losses[step] = step_loss
+            last_log_time, last_log_step = now, step
+
+        evaluation_due = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
+        if evaluation_due and data.num_val_batches:
+            val_loss, _ = mean_loss(model, data.val_batches(), precision, env)
+            metrics.write({"step": step, "val_loss": val_loss})
+            log(f"step {step:>6}/{t.max_steps} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
+            result.val_losses[step] = val_loss
+            # every rank runs the sampling forwards (FSDP shards the weights); rank 0 reports
+            samples = sample_completions(distributed.unwrap(model), data.tokenizer, t, precision)
+            if samples:
+                metrics.write({"step": step, "samples": samples})
+                log("\n".join(f"sample: {text!r}" for text in samples))
+            last_log_time = time.perf_counter()  # keep evaluation out of the throughput figure
+
+        # Never a periodic or preemption save of weights whose newest check failed: during a run of
+        # skipped steps it would replace the healthy checkpoints (the final step still saves).
+        if guard.healthy or step == t.max_steps:
+            checkpointer.maybe_save(step)  # every checkpoint.interval steps, at the last step, on SIGTERM/SIGINT
+        if checkpointer.preempted:
+            break
+
+    result.model = distributed.unwrap(model)
+    return result
