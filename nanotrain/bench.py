@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from nanotrain import distributed
 from nanotrain.config import ModelConfig, load_config
-from nanotrain.distributed import DistEnv
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.metrics import device_peak_tflops, peak_memory
 from nanotrain.model import build_model, flops_per_token, hf_llama_name
 from nanotrain.optim import build_optimizer
+from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
 
 
@@ -124,9 +124,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def nanotrain_side(model: nn.Module, cfg, env: DistEnv, precision: Precision, batch: torch.Tensor) -> Side:
+def nanotrain_side(model: nn.Module, cfg, dims: ParallelDims, precision: Precision, batch: torch.Tensor) -> Side:
     """nanotrain's step, as train.py runs it with one process and no accumulation."""
-    model = distributed.parallelize(model, cfg, env, precision.fsdp_param_dtype)
+    model = distributed.parallelize(model, cfg, dims, precision.fsdp_param_dtype)
     optimizer = build_optimizer(model, cfg.optim, cfg.train.lr)
 
     def step():
@@ -144,20 +144,20 @@ def nanotrain_side(model: nn.Module, cfg, env: DistEnv, precision: Precision, ba
     return Side("nanotrain", step)
 
 
-def reference_side(name: str, model: nn.Module, cfg, env: DistEnv, precision: Precision, batch: torch.Tensor,
+def reference_side(name: str, model: nn.Module, cfg, dims: ParallelDims, precision: Precision, batch: torch.Tensor,
                    fused_adamw: bool = False) -> Side:
     """The plain PyTorch loop a user writes for an HF model or a hand-written GPT.
 
     `fused_adamw` gives it torch's fused AdamW kernel too, which isolates what nanotrain's model
     and loss buy from what its optimizer kernel buys.
     """
-    model.to(env.device).train()
+    model.to(dims.device).train()
     if cfg.train.compile:
         for layer in model.model.layers if hasattr(model, "model") else model.layers:
             layer.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                   weight_decay=cfg.optim.weight_decay, fused=fused_adamw or None)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=precision.name == "fp16")
+    scaler = torch.amp.GradScaler(dims.device.type, enabled=precision.name == "fp16")
     is_hf = hasattr(model, "model")
 
     def step():
@@ -214,38 +214,38 @@ def main(argv=None) -> None:
         f"--train.precision={args.precision}", f"--train.compile={str(args.compile).lower()}",
         f"--train.device={args.device}", "--model.dropout=0.0",
     ])
-    env = DistEnv(0, 0, 1, distributed.pick_device(cfg.train.device, 0), "none")
-    if env.device.type == "cuda":
+    dims = ParallelDims.single_process(distributed.pick_device(cfg.train.device, 0))
+    if dims.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    precision = Precision(cfg.train.precision, env.device, env.strategy)
+    precision = Precision(cfg.train.precision, dims.device, dims.strategy)
     m = cfg.model
     batch = torch.randint(0, m.vocab_size, (args.batch_size, args.seq_len),
-                          generator=torch.Generator().manual_seed(0)).to(env.device)
+                          generator=torch.Generator().manual_seed(0)).to(dims.device)
 
     ours = build_model(m, seed=0)
     if m.flavour == "llama":
-        reference = reference_side("HF LlamaForCausalLM", hf_llama_with_weights_of(ours, m), cfg, env, precision, batch,
+        reference = reference_side("HF LlamaForCausalLM", hf_llama_with_weights_of(ours, m), cfg, dims, precision, batch,
                                    args.reference_fused_adamw)
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            reference = reference_side("ReferenceGPT", ReferenceGPT(m), cfg, env, precision, batch,
+            reference = reference_side("ReferenceGPT", ReferenceGPT(m), cfg, dims, precision, batch,
                                        args.reference_fused_adamw)
-    sides = [nanotrain_side(ours, cfg, env, precision, batch), reference]
+    sides = [nanotrain_side(ours, cfg, dims, precision, batch), reference]
 
     tokens_per_step = args.batch_size * args.seq_len
     flops = flops_per_token(m, args.seq_len)
-    peak, peak_source = device_peak_tflops(env.device, args.precision, cfg.train.tf32)
-    threads = f", {torch.get_num_threads()} threads" if env.device.type == "cpu" else ""
+    peak, peak_source = device_peak_tflops(dims.device, args.precision, cfg.train.tf32)
+    threads = f", {torch.get_num_threads()} threads" if dims.device.type == "cpu" else ""
     print(f"bench: {args.config} ({m.flavour}) | batch {args.batch_size} x seq {args.seq_len} | {args.precision}"
-          f"{' + compile' if args.compile else ''} | {env.device}{threads} | torch {torch.__version__}")
+          f"{' + compile' if args.compile else ''} | {dims.device}{threads} | torch {torch.__version__}")
     print(f"peak {peak:.3g} TFLOP/s ({peak_source}) | {flops / 1e6:.1f} MFLOP per token" if peak
           else f"peak unknown ({peak_source})")
 
     for round_index in range(args.rounds + 1):  # round 0 warms up (allocations, compile) and is not counted
         order = sides if round_index % 2 == 0 else sides[::-1]
-        figures = {side.name: side.run(args.steps, tokens_per_step, env.device) for side in order}
+        figures = {side.name: side.run(args.steps, tokens_per_step, dims.device) for side in order}
         label = "warm-up" if round_index == 0 else f"round {round_index}"
         print(f"{label:>9}: " + " | ".join(f"{name} {tps:,.0f} tok/s" for name, tps in figures.items()), flush=True)
         for side in sides:
@@ -259,7 +259,7 @@ def main(argv=None) -> None:
         tps = statistics.median(side.round_tokens_per_sec)
         mfu = f" | MFU {100 * tps * flops / (peak * 1e12):.1f}%" if peak else ""
         cpu = ""
-        if env.device.type == "cpu":
+        if dims.device.type == "cpu":
             cpu = (f" | {side.cpu_seconds / side.steps_run:.2f} CPU-s/step"
                    f" | {side.page_faults / side.steps_run:,.0f} page faults/step")
         print(f"{side.name:>20}: {tps:>10,.0f} tok/s (median of {args.rounds}){mfu}{cpu}")
@@ -267,10 +267,10 @@ def main(argv=None) -> None:
     ratio = statistics.median(per_round)
     print(f"nanotrain / {sides[1].name}: {ratio:.2f}x (median of per-round ratios; "
           f"range {min(per_round):.2f}-{max(per_round):.2f})")
-    if env.device.type == "cuda":
+    if dims.device.type == "cuda":
         print("peak memory (CUDA max allocated): " + " | ".join(f"{s.name} {s.peak_mem_gib:.2f} GiB" for s in sides))
     else:
-        memory_gib, _ = peak_memory(env.device)
+        memory_gib, _ = peak_memory(dims.device)
         print(f"peak memory {memory_gib:.2f} GiB (process peak RSS, both sides together)")
     if args.profile:
         for side in sides:

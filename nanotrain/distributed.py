@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -21,22 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nanotrain.config import Config, ConfigError
-
-
-@dataclass
-class DistEnv:
-    """Where this process sits in the job."""
-
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-    strategy: str  # "none" | "ddp" | "fsdp", resolved from parallel.strategy
-
-    @property
-    def is_main(self) -> bool:
-        """Only the main process prints and writes files."""
-        return self.rank == 0
+from nanotrain.parallel_dims import ParallelDims
 
 
 def launched_by_torchrun() -> bool:
@@ -122,7 +106,7 @@ def terminate_with_launcher(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name=LAUNCHER_WATCH, daemon=True).start()
 
 
-def init(cfg: Config) -> DistEnv:
+def init(cfg: Config) -> ParallelDims:
     """Join the process group torchrun described in the environment (if any).
 
     The backend is NCCL on CUDA and gloo on CPU. The collective timeout is set from
@@ -152,12 +136,12 @@ def init(cfg: Config) -> DistEnv:
             # binds the NCCL communicator to this rank's GPU now, not at the first collective
             device_id=device if device.type == "cuda" else None,
         )
-    return DistEnv(rank, local_rank, world_size, device, strategy)
+    return ParallelDims(rank, local_rank, world_size, device, strategy)
 
 
 @contextmanager
 def process_group(cfg: Config):
-    """`init(cfg)` for the length of one run; yields the DistEnv.
+    """`init(cfg)` for the length of one run; yields the ParallelDims.
 
     A group joined here is destroyed when the run returns. A group the caller set up already
     (a script or test running several jobs in one process) is left to the caller.
@@ -167,8 +151,8 @@ def process_group(cfg: Config):
     not stopped fails its pending collective after `parallel.timeout_s`.
     """
     joins_here = launched_by_torchrun() and not dist.is_initialized()
-    env = init(cfg)
-    yield env
+    dims = init(cfg)
+    yield dims
     if joins_here:
         dist.destroy_process_group()
 
@@ -191,13 +175,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def parallelize(model: nn.Module, cfg: Config, env: DistEnv, param_dtype: torch.dtype | None = None) -> nn.Module:
+def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Apply activation checkpointing, compile and data parallelism to a plain model.
 
     `param_dtype` (bf16/fp16) makes FSDP compute in low precision with fp32 gradient
     reduction; the other strategies get their low precision from autocast instead.
     """
-    model.to(env.device)
+    model.to(dims.device)
     if cfg.model.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -208,10 +192,10 @@ def parallelize(model: nn.Module, cfg: Config, env: DistEnv, param_dtype: torch.
         for block in model.blocks:
             block.compile()  # in place: parameter names gain no "_orig_mod." prefix
 
-    if env.strategy == "ddp":
-        device_ids = [env.device.index] if env.device.type == "cuda" else None
+    if dims.strategy == "ddp":
+        device_ids = [dims.device.index] if dims.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
-    if env.strategy == "fsdp":
+    if dims.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)

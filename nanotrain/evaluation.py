@@ -20,9 +20,10 @@ import torch
 
 from nanotrain.config import ConfigError, validate
 from nanotrain.data import DataError, build_data, to_device
-from nanotrain.distributed import DistEnv, all_reduce_sum
+from nanotrain.distributed import all_reduce_sum
 from nanotrain.errors import NanotrainError
 from nanotrain.loss import count_valid_tokens
+from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
 
 ALL_BATCHES = 10**9  # "as many eval steps as the split holds"; build_data caps it at the split's size
@@ -42,16 +43,16 @@ class EvalResult:
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches, precision: Precision, env: DistEnv) -> tuple[float, int]:
+def mean_loss(model: torch.nn.Module, batches, precision: Precision, dims: ParallelDims) -> tuple[float, int]:
     """Mean next-token loss over this rank's `batches`, reduced over all ranks, and the valid tokens it covers.
 
     The head and the loss run fused (no (B, T, V) logits); every rank must call this together.
     """
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, device=env.device, dtype=torch.float64)  # (loss sum, valid tokens)
+    totals = torch.zeros(2, device=dims.device, dtype=torch.float64)  # (loss sum, valid tokens)
     for batch in batches:
-        batch = to_device(batch, env.device)
+        batch = to_device(batch, dims.device)
         with precision.autocast():
             _, loss_sum = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
                                 loss_reduction="sum", fused_loss=True)
@@ -102,12 +103,12 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = "val", prec
         raise EvaluationError(f"the {split} split of '{data_dir}' holds no full sequence of {cfg.train.seq_len} "
                               "tokens; lower --seq_len")
 
-    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device(device), strategy="none")
+    dims = ParallelDims.single_process(device)
     try:
-        amp = Precision(precision, env.device, env.strategy)
+        amp = Precision(precision, dims.device, dims.strategy)
     except ConfigError as e:
         raise EvaluationError(str(e)) from None
     start = time.perf_counter()
-    loss, tokens = mean_loss(model, batches, amp, env)
+    loss, tokens = mean_loss(model, batches, amp, dims)
     seconds = time.perf_counter() - start
     return EvalResult(loss, math.exp(min(loss, 50.0)), tokens, batch_count, seconds)

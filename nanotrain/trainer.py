@@ -31,7 +31,7 @@ from nanotrain import distributed, run_directory
 from nanotrain.checkpoint import Checkpointer, load_pretrained
 from nanotrain.config import Config
 from nanotrain.data import build_data, to_device
-from nanotrain.distributed import DistEnv, all_reduce_sum
+from nanotrain.distributed import all_reduce_sum
 from nanotrain.divergence import DivergenceGuard
 from nanotrain.evaluation import mean_loss
 from nanotrain.sampling import sample_completions
@@ -39,6 +39,7 @@ from nanotrain.loss import count_valid_tokens
 from nanotrain.metrics import MetricsLog, SpeedMeter, format_step
 from nanotrain.model import build_model, parameter_report
 from nanotrain.optim import build_optimizer, lr_at, set_lr
+from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
 
 
@@ -59,53 +60,53 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: Config) -> TrainResult:
     """Run one training job as described by `cfg` (in this process, or as one torchrun rank)."""
-    with distributed.process_group(cfg) as env, ExitStack() as cleanup:
-        return _train(cfg, env, cleanup)
+    with distributed.process_group(cfg) as dims, ExitStack() as cleanup:
+        return _train(cfg, dims, cleanup)
 
 
-def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
+def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
     t = cfg.train
-    log = print if env.is_main else (lambda *args, **kwargs: None)
+    log = print if dims.is_main else (lambda *args, **kwargs: None)
 
     # ---- set-up ---------------------------------------------------------------------------
-    seed_everything(t.seed + env.rank)  # dropout differs per rank; weights come from build_model's seed
-    if env.device.type == "cuda":
+    seed_everything(t.seed + dims.rank)  # dropout differs per rank; weights come from build_model's seed
+    if dims.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32
     run_dir = Path(t.out_dir)
-    if env.is_main:  # before anything is written: lock the run's directories, refuse to start over a run
+    if dims.is_main:  # before anything is written: lock the run's directories, refuse to start over a run
         run_directory.claim(cfg, cleanup, log)
     log(cfg.to_toml())
 
-    data = build_data(cfg, env.rank, env.world_size)
+    data = build_data(cfg, dims.dp_rank, dims.dp_size)
     for note in data.notes:
         log(f"note: {note}")
     model = build_model(cfg.model, seed=t.seed)
     if t.init_from:  # start from trained or imported weights (a resumed checkpoint still wins)
         load_pretrained(model, cfg.model, t.init_from)
     log(parameter_report(model))
-    precision = Precision(t.precision, env.device, env.strategy)
-    model = distributed.parallelize(model, cfg, env, precision.fsdp_param_dtype)
+    precision = Precision(t.precision, dims.device, dims.strategy)
+    model = distributed.parallelize(model, cfg, dims, precision.fsdp_param_dtype)
     optimizer = build_optimizer(model, cfg.optim, t.lr)
 
-    tokens_per_step = t.grad_accum_steps * env.world_size * t.batch_size * t.seq_len
-    log(f"device {env.device} | strategy {env.strategy} | world size {env.world_size} | precision {precision.describe()}")
+    tokens_per_step = t.grad_accum_steps * dims.dp_size * t.batch_size * t.seq_len
+    log(f"device {dims.device} | strategy {dims.strategy} | world size {dims.world_size} | precision {precision.describe()}")
     log(
-        f"tokens per optimizer step = {t.grad_accum_steps} accum x {env.world_size} processes "
+        f"tokens per optimizer step = {t.grad_accum_steps} accum x {dims.dp_size} processes "
         f"x {t.batch_size} batch x {t.seq_len} seq = {tokens_per_step:,}"
     )
-    speed = SpeedMeter.for_run(cfg, env.device, env.world_size, tokens_per_step)  # tokens/s, MFU, memory
+    speed = SpeedMeter.for_run(cfg, dims.device, dims.world_size, tokens_per_step)  # tokens/s, MFU, memory
     log(speed.describe())
 
-    checkpointer = Checkpointer(cfg, env, data, model, optimizer, precision.scaler)
+    checkpointer = Checkpointer(cfg, dims, data, model, optimizer, precision.scaler)
     cleanup.callback(checkpointer.close)  # hand SIGTERM/SIGINT back however the run ends
     step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
-    if env.is_main:  # only now that the run goes ahead: a refused resume leaves the run's config alone
+    if dims.is_main:  # only now that the run goes ahead: a refused resume leaves the run's config alone
         run_directory.write_config(run_dir, cfg)
     if step >= t.max_steps:
         log(f"nothing to train: the run is already at step {step} of train.max_steps={t.max_steps}; "
             "raise --train.max_steps to continue it, or pass a new --train.out_dir to start afresh")
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if env.is_main else None, append=step > 0)
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if dims.is_main else None, append=step > 0)
     cleanup.callback(metrics.close)
     result = TrainResult()
     train_start = last_log_time = time.perf_counter()
@@ -122,11 +123,11 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
         with speed.waiting_for_data():
             micro_batches = [next(data.train) for _ in range(t.grad_accum_steps)]
         valid_tokens = sum(count_valid_tokens(b["labels"]) for b in micro_batches)
-        global_valid_tokens = all_reduce_sum(valid_tokens.to(env.device, torch.float32)).clamp(min=1)
+        global_valid_tokens = all_reduce_sum(valid_tokens.to(dims.device, torch.float32)).clamp(min=1)
 
-        step_loss_sum = torch.zeros((), device=env.device)
+        step_loss_sum = torch.zeros((), device=dims.device)
         for micro_step, batch in enumerate(micro_batches):
-            batch = to_device(batch, env.device)
+            batch = to_device(batch, dims.device)
             is_last = micro_step == t.grad_accum_steps - 1
             with distributed.gradient_sync(model, enabled=is_last):
                 with precision.autocast():
@@ -134,9 +135,9 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
                         batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
                         loss_reduction="sum", fused_loss=t.fused_loss,
                     )
-                # DDP and FSDP average gradients over ranks; scaling by world_size turns that mean
+                # DDP and FSDP average gradients over dp ranks; scaling by dp_size turns that mean
                 # back into a sum, so the step's gradient is that of (all losses) / (all valid tokens).
-                loss = loss_sum * (env.world_size / global_valid_tokens)
+                loss = loss_sum * (dims.dp_size / global_valid_tokens)
                 precision.scaler.scale(loss).backward()
             step_loss_sum += loss_sum.detach()
 
@@ -185,7 +186,7 @@ def _train(cfg: Config, env: DistEnv, cleanup: ExitStack) -> TrainResult:
 
         evaluation_due = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
         if evaluation_due and data.num_val_batches:
-            val_loss, _ = mean_loss(model, data.val_batches(), precision, env)
+            val_loss, _ = mean_loss(model, data.val_batches(), precision, dims)
             metrics.write({"step": step, "val_loss": val_loss})
             log(f"step {step:>6}/{t.max_steps} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
             result.val_losses[step] = val_loss

@@ -10,7 +10,8 @@ import torch
 import nanotrain.precision as precision_module
 import nanotrain.trainer as trainer_module
 from nanotrain.config import ConfigError, load_config
-from nanotrain.distributed import DistEnv, parallelize
+from nanotrain.distributed import parallelize
+from nanotrain.parallel_dims import ParallelDims
 from nanotrain.model import build_model
 from nanotrain.precision import Precision
 from nanotrain.trainer import train
@@ -22,7 +23,7 @@ TINY = [
     "--train.eval_steps=1", "--train.sample_tokens=0", "--train.log_every=1", "--optim.warmup_steps=2",
     "--checkpoint.resume=none", "--checkpoint.on_preempt=false", "--train.peak_tflops=1",
 ]
-CPU = DistEnv(0, 0, 1, torch.device("cpu"), "none")
+CPU = ParallelDims.single_process("cpu")
 
 
 def run(tmp_path, name, *extra):
