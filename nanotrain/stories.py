@@ -7,11 +7,20 @@ dialogue, and a resolution, then an ending. Choices come from one seeded `random
 `generate_stories(count, seed)` always returns the same list, with thousands of distinct
 stories. Bump GENERATOR_VERSION whenever the output changes: the prepared corpus is cached
 under a name that includes it.
+
+`prepare_stories(count, vocab_size, seed)` turns the stories into a prepared dataset through
+dataset_format's writer (the same one `nanotrain.prepare` uses), built on first use into the
+cache directory (`cache_dir()`) and reused from there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+from pathlib import Path
+
+from nanotrain.dataset_format import PrepareError, log, nearest_existing, read_meta, write_dataset
 
 GENERATOR_VERSION = 1
 
@@ -131,3 +140,72 @@ def generate_stories(count: int, seed: int = 0) -> list[str]:
     """`count` stories, the same list for the same (count, seed, GENERATOR_VERSION)."""
     rng = random.Random(seed)
     return [generate_story(rng) for _ in range(count)]
+
+
+# ----------------------------------------------------------------------------- the prepared corpus
+
+
+def cache_dir() -> Path:
+    """$NANOTRAIN_CACHE, else $XDG_CACHE_HOME/nanotrain, else ~/.cache/nanotrain."""
+    if os.environ.get("NANOTRAIN_CACHE"):
+        return Path(os.environ["NANOTRAIN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanotrain"
+
+
+def prepare_stories(count: int, vocab_size: int, seed: int = 0, verbose: bool = True) -> Path:
+    """The built-in story corpus as a prepared dataset, built on first use and cached.
+
+    Safe when several processes (ranks) ask at once: the first takes a file lock and builds,
+    the others wait on the lock and then find the finished directory.
+    """
+    out = cache_dir() / f"stories-v{GENERATOR_VERSION}-n{count}-v{vocab_size}-s{seed}"
+    if read_meta(out) is not None:
+        return out  # the common case: no lock, no hashing
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(out.parent / f"{out.name}.lock", "w")
+    except OSError as e:
+        raise PrepareError(_unwritable_cache(out.parent, e)) from None
+    with lock, _exclusive(lock):
+        if read_meta(out) is not None:
+            return out  # another process built it while we waited for the lock
+        stories = generate_stories(count, seed)
+        sources = [{"name": "nanotrain.stories", "generator_version": GENERATOR_VERSION, "count": count, "seed": seed}]
+
+        def documents():
+            done = 0
+            for story in stories:
+                done += len(story) + 1
+                yield story, done
+
+        log(verbose, f"preparing the built-in story corpus ({count} stories) into '{out}'")
+        try:
+            write_dataset(documents, out, sources=sources, total_bytes=sum(len(s) + 1 for s in stories),
+                          vocab_size=vocab_size, seed=seed, verbose=verbose)
+        except PrepareError as e:  # speak in the config keys the user actually set
+            raise PrepareError(f"built-in story corpus: {e}".replace("--vocab_size", "data.stories_vocab_size")) from None
+        except OSError as e:  # e.g. the disk filled up; the temporary directory is already gone
+            raise PrepareError(_unwritable_cache(out.parent, e)) from None
+    return out
+
+
+def _unwritable_cache(directory: Path, error: OSError) -> str:
+    """The one-line message for a cache directory that cannot be created or written, and its fix."""
+    blocker = nearest_existing(directory)
+    reason = f"'{blocker}' is a file, not a directory" if not blocker.is_dir() else error.strerror or str(error)
+    return (f"cannot write the built-in corpus cache '{directory}' ({reason}); set NANOTRAIN_CACHE to a writable "
+            "directory, or train on a prepared dataset with --data.path=DIR")
+
+
+@contextlib.contextmanager
+def _exclusive(file):
+    try:
+        import fcntl  # POSIX only; elsewhere the writer's temp-dir-and-rename still keeps racers safe
+    except ImportError:
+        yield
+        return
+    fcntl.flock(file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(file, fcntl.LOCK_UN)

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from nanotrain.config import ConfigError, load_config
+from nanotrain.config import ConfigError, DataConfig, load_config
 from nanotrain.data import DataError, MicroBatchSampler, build_data, unigram_entropy
-from nanotrain.prepare import PrepareError, prepare_documents
+from nanotrain.data import evaluation_batches
+from nanotrain.data_sources import SOURCES, StoriesSource, TokensSource
+from nanotrain.dataset_format import PrepareError, TokenSplit, open_meta, open_tokenizer, write_dataset
 from nanotrain.stories import generate_stories
 
 T = 32
@@ -21,8 +23,8 @@ T = 32
 def dataset(tmp_path_factory):
     stories = generate_stories(300, seed=2)
     out = tmp_path_factory.mktemp("data") / "ds"
-    prepare_documents(lambda: ((s, 0) for s in stories), out, sources=[{"name": "test"}], total_bytes=1,
-                      vocab_size=400, val_fraction=0.1, seed=0, verbose=False)
+    write_dataset(lambda: ((s, 0) for s in stories), out, sources=[{"name": "test"}], total_bytes=1,
+                  vocab_size=400, val_fraction=0.1, seed=0, verbose=False)
     return out
 
 
@@ -331,3 +333,102 @@ def test_a_read_only_corpus_cache_is_named(tmp_path, monkeypatch):
     with pytest.raises(PrepareError, match=re.escape(
             f"cannot write the built-in corpus cache '{read_only}' (Permission denied)")):
         build_data(cfg, 0, 1)
+
+
+# ---- the walls: one format module, sources behind one interface, the data-parallel axis, evaluation batches ----
+
+
+def test_the_format_module_reads_back_what_it_wrote(tmp_path):
+    """Documents in, BOS + tokens + EOS per document out, split by the seeded draw, offsets at the boundaries."""
+    stories = generate_stories(200, seed=3)
+    out = tmp_path / "ds"
+    write_dataset(lambda: ((s, 0) for s in stories), out, sources=[{"name": "t"}], total_bytes=1, vocab_size=320,
+                  val_fraction=0.2, seed=4, verbose=False)
+    meta = open_meta(out)
+    tokenizer = open_tokenizer(out, meta)
+    is_val = np.random.default_rng(4).random(len(stories)) < 0.2
+    for split, chosen in (("train", ~is_val), ("val", is_val)):
+        token_split = TokenSplit(out, split, meta)
+        documents = [tokenizer.encode(s, bos=True, eos=True) for s, keep in zip(stories, chosen) if keep]
+        assert token_split.tokens.dtype == np.uint16 and token_split.num_documents == len(documents) > 0
+        assert token_split.tokens.tolist() == [t for doc in documents for t in doc]
+        assert token_split.offsets.tolist() == np.cumsum([0] + [len(d) for d in documents]).tolist()
+
+
+class CountingSamples(torch.utils.data.Dataset):
+    """Sample i = (i, i+1, ..., i+T-1) mod 64: its position in the order can be read off its first token."""
+
+    def __init__(self, seq_len: int, offset: int):
+        self.seq_len, self.offset = seq_len, offset
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        window = (torch.arange(self.seq_len) + i + self.offset) % 64
+        return {"input_ids": window, "labels": window.clone()}
+
+    def check(self, batch):
+        return batch
+
+
+class CountingSource:
+    """A data source written in a test: one class and one SOURCES entry make it trainable."""
+
+    name, shuffle, tokenizer, path, vocab_size = "counting", False, None, None, 64
+    identity = {"source": "counting"}
+
+    @classmethod
+    def from_config(cls, data, model_vocab_size, seed, verbose):
+        return cls()
+
+    def samples(self, split, seq_len, padded):
+        return CountingSamples(seq_len, offset=32 if split == "val" else 0)
+
+
+def test_a_new_source_is_one_class_and_one_entry(monkeypatch):
+    monkeypatch.setitem(SOURCES, "counting", CountingSource)
+    cfg = load_config(None, ["--data.source=random", "--model.vocab_size=64", "--train.seq_len=8",
+                             "--train.batch_size=2", "--train.eval_steps=2"])
+    cfg.data.source = "counting"  # (config validation knows only the built-in sources)
+    data = build_data(cfg, dp_rank=1, dp_size=2)  # keyword names: the data-parallel axis
+    assert data.identity == {"source": "counting"} and data.tokenizer is None and data.notes == []
+    # rank 1 of 2 with B = 2 takes global positions [2, 4), then [6, 8): the unshuffled order
+    assert [b["input_ids"][:, 0].tolist() for b in (next(data.train), next(data.train))] == [[2, 3], [6, 7]]
+    assert [b["input_ids"][:, 0].tolist() for b in data.val_batches()] == [[34, 35], [38, 39]]
+
+
+def test_the_stories_source_reads_its_cache_like_a_prepared_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOTRAIN_CACHE", str(tmp_path))
+    stories = StoriesSource.from_config(DataConfig(stories_count=200, stories_vocab_size=320), 320, 0, verbose=False)
+    tokens = TokensSource(stories.path)
+    assert stories.path.parent == tmp_path and stories.vocab_size == tokens.vocab_size == 320
+    assert stories.identity == {**tokens.identity, "source": "stories"}
+    assert stories.tokenizer.sha256 == tokens.tokenizer.sha256
+    for split in ("train", "val"):
+        mine, theirs = stories.samples(split, T, padded=True), tokens.samples(split, T, padded=True)
+        assert len(mine) == len(theirs) > 0 and all(torch.equal(mine[0][k], theirs[0][k]) for k in mine[0])
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_evaluation_batches_are_the_loaders_batches(dataset, mode):
+    data = build_data(config(dataset, "--train.batch_size=4", f"--data.mode={mode}"), 0, 1)
+    source, padded = TokensSource(dataset), mode == "padded"
+    count, val = evaluation_batches(source, "val", T, 4, padded, seed=0, max_batches=3)
+    assert count == 3 and rows(val) == rows(data.val_batches())  # what training logs as val loss
+    count, every = evaluation_batches(source, "val", T, 4, padded, seed=0)
+    n_val = len(data._val_samples)  # by default every full batch of the split, in order
+    assert count == n_val // 4 > 3
+    assert rows(every) == [tuple(data._val_samples[i]["input_ids"].tolist()) for i in range(count * 4)]
+    seed = data.train.order.seed  # train.seed, whose permutation of epoch 0 training follows
+    count, train = evaluation_batches(source, "train", T, 4, padded, seed, max_batches=2)
+    assert count == 2 and rows(train) == rows(next(data.train) for _ in range(2))  # epoch 0, training's order
+    assert evaluation_batches(source, "train", T, 4, padded, seed)[0] == data.train.order.num_samples // 4
+
+
+def test_evaluation_of_a_val_split_smaller_than_a_batch_repeats_samples(dataset):
+    source = TokensSource(dataset)
+    n_val = len(source.samples("val", T, padded=True))
+    count, batches = evaluation_batches(source, "val", T, n_val + 3, padded=True, seed=0)
+    (batch,) = list(batches)
+    assert count == 1 and rows([batch])[:3] == rows([batch])[n_val : n_val + 3]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanotrain import prepare as prep
-from nanotrain.prepare import PrepareError, main, prepare, token_dtype
+from nanotrain.dataset_format import PrepareError, token_dtype
+from nanotrain.prepare import main, prepare
 from nanotrain.stories import generate_stories
 from nanotrain.tokenizer import Tokenizer
 
@@ -149,7 +149,7 @@ def test_interrupt_leaves_nothing_behind(prepared, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep.Tokenizer, "encode_batch", interrupted)
+    monkeypatch.setattr(Tokenizer, "encode_batch", interrupted)
     before = leftovers(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(tmp_path / "ok.txt")], tmp_path / "ds", tokenizer=str(out / "tokenizer.model"), verbose=False)
