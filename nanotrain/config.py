@@ -17,8 +17,10 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from nanotrain.errors import NanotrainError
+from nanotrain.flavours import FEATURES, Flavour, FlavourFeatures
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,7 +39,7 @@ class ConfigError(NanotrainError):
 class ModelConfig:
     """The Transformer's shape. `flavour` picks the mini-GPT or the LLaMA variant."""
 
-    flavour: str = "llama"  # "llama" | "gpt"
+    flavour: Flavour = "llama"  # its architecture is `features` (flavours.py)
     vocab_size: int = 32000  # load_config: unless set, the data's vocabulary (see follow_the_data)
     max_position_embeddings: int = 2048  # longest sequence the model accepts
     n_layers: int = 4
@@ -53,6 +55,11 @@ class ModelConfig:
     activation_checkpointing: bool = False  # recompute each block in backward
 
     @property
+    def features(self) -> FlavourFeatures:
+        """Norm, MLP, position encoding and biases of this flavour: what model.py builds from."""
+        return FEATURES[self.flavour]
+
+    @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
@@ -65,9 +72,9 @@ class ModelConfig:
 class DataConfig:
     """Where training tokens come from and how they are batched."""
 
-    source: str = "stories"  # "stories" (built-in corpus) | "tokens" (prepared dir) | "random"
+    source: Literal["stories", "tokens", "random"] = "stories"  # built-in corpus | prepared dir | random tokens
     path: str = ""  # prepared dataset directory; setting it alone implies source = "tokens"
-    mode: str = "packed"  # "packed" (documents concatenated) | "padded" (one document per row)
+    mode: Literal["packed", "padded"] = "packed"  # documents concatenated | one document per row
     num_workers: int = 0  # DataLoader worker processes
     stories_count: int = 6000  # documents the built-in corpus generates
     stories_vocab_size: int = 1024  # tokenizer size trained on the built-in corpus (at most ~1700 fit its words)
@@ -85,7 +92,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    implementation: str = "auto"  # "auto" | "fused" | "foreach" | "for-loop"
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
 
 
 @dataclass
@@ -99,16 +106,16 @@ class TrainConfig:
     grad_accum_steps: int = 1
     lr: float = 1e-3
     seed: int = 1337
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = False
     fused_loss: bool = True  # head + cross-entropy in row chunks: no (B, T, V) logits (loss.py)
     tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation
     eval_steps: int = 20  # batches per evaluation (split across processes)
-    # "stop" | "skip" (the update) when the loss or grad norm is not finite or the loss spikes
-    on_nonfinite: str = "stop"
+    # stop, or skip the update, when the loss or grad norm is not finite or the loss spikes
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     loss_spike_ratio: float = 2.0  # a loss above ~this multiple of the recent mean is a spike (divergence.py); 0 = off
     max_consecutive_skips: int = 10  # stop after this many skipped updates in a row (fp16 overflows included)
     peak_tflops: float = 0.0  # device peak for MFU; 0 = look up or measure
@@ -123,7 +130,7 @@ class TrainConfig:
 class ParallelConfig:
     """How the model is spread across processes."""
 
-    strategy: str = "auto"  # "auto" | "none" | "ddp" | "fsdp"; auto = ddp when world > 1
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto = ddp when world > 1
     reshard_after_forward: bool = True  # FSDP: free gathered params after forward
     timeout_s: int = 300  # collective timeout: a stuck rank fails the job, never hangs it
 
@@ -161,18 +168,6 @@ class Config:
         return "\n".join(lines)
 
 
-CHOICES = {
-    "model.flavour": ("llama", "gpt"),
-    "data.source": ("stories", "tokens", "random"),
-    "data.mode": ("packed", "padded"),
-    "optim.implementation": ("auto", "fused", "foreach", "for-loop"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
-}
-
-
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -189,6 +184,12 @@ def _field_types(cls) -> dict[str, type]:
     """Field name -> resolved type annotation (annotations are strings under `from __future__`)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+# Dotted key -> allowed values of each key typed as a Literal (the one list of them), for validate() and
+# the commands' argparse `choices=`.
+CHOICES = {f"{section}.{name}": typing.get_args(annotation) for section, cls in _sections().items()
+           for name, annotation in _field_types(cls).items() if typing.get_origin(annotation) is Literal}
 
 
 def all_keys() -> list[str]:
@@ -231,9 +232,9 @@ def _coerce(key: str, value, annotation):
                 return float(value)
             except ValueError:
                 pass
-    elif annotation is str:
+    elif annotation is str or typing.get_origin(annotation) is Literal:
         if isinstance(value, str):
-            return value
+            return value  # a Literal's allowed values are checked in validate(), which names them
     elif typing.get_origin(annotation) is list:
         if from_cli:
             try:
@@ -245,6 +246,8 @@ def _coerce(key: str, value, annotation):
     type_name = getattr(annotation, "__name__", str(annotation))
     if typing.get_origin(annotation) is list:
         type_name = "list of strings ('a|b' or JSON)"
+    elif typing.get_origin(annotation) is Literal:
+        type_name = f"one of {', '.join(typing.get_args(annotation))}"
     raise ConfigError(f"config key '{key}' expects {type_name}, got {value!r}")
 
 
@@ -340,7 +343,7 @@ def follow_the_data(cfg: Config, in_file: set[str], on_command_line: set[str]) -
     if level("model.vocab_size") or (d.source == "tokens" and not d.path):  # validate names the missing path
         return
     if d.source == "tokens":
-        from nanotrain.data import dataset_vocab_size  # data imports this module (and torch); so, late
+        from nanotrain.dataset_format import dataset_vocab_size  # numpy and sentencepiece only when a dataset is named
 
         m.vocab_size = dataset_vocab_size(d.path)
     else:
@@ -385,7 +388,7 @@ def validate(cfg: Config) -> None:
         "model.norm_eps": m.norm_eps, "model.init_std": m.init_std,
         "train.max_consecutive_skips": t.max_consecutive_skips,
     }
-    if m.flavour == "llama":
+    if m.features.positions == "rope":
         positive["model.rope_theta"] = m.rope_theta
     for key, value in positive.items():
         if not value > 0:
@@ -418,8 +421,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})"
         )
-    if m.flavour == "llama" and m.head_dim % 2:
-        raise ConfigError(f"llama needs an even head dimension for RoPE, got d_model/n_heads = {m.head_dim}")
+    if m.features.positions == "rope" and m.head_dim % 2:
+        raise ConfigError(f"{m.flavour} needs an even head dimension for RoPE, got d_model/n_heads = {m.head_dim}")
     if t.seq_len > m.max_position_embeddings:
         raise ConfigError(
             f"train.seq_len ({t.seq_len}) exceeds model.max_position_embeddings "
@@ -433,12 +436,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.stories_vocab_size ({d.stories_vocab_size}) exceeds model.vocab_size ({m.vocab_size})"
         )
-    if m.flavour == "gpt" and m.n_kv_heads not in (0, m.n_heads):
-        raise ConfigError("model.n_kv_heads (grouped-query attention) is a llama feature; leave it 0 for gpt")
+    if not m.features.grouped_query_attention and m.n_kv_heads not in (0, m.n_heads):
+        with_gqa = " and ".join(name for name, features in FEATURES.items() if features.grouped_query_attention)
+        raise ConfigError(f"model.n_kv_heads (grouped-query attention) is a {with_gqa} feature; leave it 0 for {m.flavour}")
 
 
 def describe_keys() -> str:
-    """One line per key with its default, for --help-config."""
+    """One line per key with its default (and the allowed values of a Literal key), for --help-config."""
     defaults = Config().to_dict()
-    return "\n".join(f"  --{k}={_toml_value(defaults[k.split('.')[0]][k.split('.')[1]])}" for k in all_keys())
+    def line(key: str) -> str:
+        section, name = key.split(".")
+        allowed = f"  (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
+        return f"  --{key}={_toml_value(defaults[section][name])}{allowed}"
+    return "\n".join(line(key) for key in all_keys())
 

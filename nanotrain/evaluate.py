@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nanotrain.config import CHOICES
 from nanotrain.errors import ArgumentParser, exit_on_error
 from nanotrain.evaluation import evaluate_checkpoint
 from nanotrain.sampling import check_device
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--data", required=True, help="dataset directory made by nanotrain.prepare")
     parser.add_argument("--split", default="val", choices=("val", "train"))
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="fp32", choices=CHOICES["train.precision"])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_batches", type=int, default=0, help="0 = the whole split")

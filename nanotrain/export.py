@@ -7,9 +7,10 @@ Export writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` load
 `LlamaForCausalLM`: config.json, model.safetensors (HF parameter names, fp32), the tokenizer
 (tokenizer.json, which `AutoTokenizer` loads and which encodes and decodes as nanotrain does,
 beside the unchanged tokenizer.model) and generation_config.json.
-Parameter names are translated by model.py's `hf_llama_name` / `nanotrain_name_from_hf`, the
-one table shared with the parity tests; the weights need no permutation because nanotrain's
-RoPE already uses HF's rotate-halves layout. Only the llama flavour has an HF counterpart.
+Parameter names and config.json come from hf.py (`hf_llama_name` / `nanotrain_name_from_hf`,
+`hf_config` / `model_config_from_hf`), the one mapping shared with the benchmark and the parity
+tests; the weights need no permutation because nanotrain's RoPE already uses HF's rotate-halves
+layout. Only the llama flavour has an HF counterpart.
 
 Import reads such a directory (made by nanotrain or by anyone else: Llama 2, TinyLlama, ...),
 refuses what the llama flavour cannot express (rope scaling, biases, other activations), and
@@ -31,58 +32,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nanotrain.config import Config, ConfigError, ModelConfig, validate
-from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
+from nanotrain.config import Config, ConfigError, validate
+from nanotrain.errors import ArgumentParser, exit_on_error
 from nanotrain.files import atomic_directory
-from nanotrain.model import build_model, hf_llama_name, nanotrain_name_from_hf
-
-
-class ExportError(NanotrainError):
-    """An export or import that cannot be done, in one line that says why."""
-
-
-SILU_NAMES = ("silu", "swish")  # transformers' two names for x * sigmoid(x), the activation of SwiGLU
+from nanotrain.hf import (
+    ExportError,
+    check_llama_features,
+    hf_config,
+    hf_llama_name,
+    model_config_from_hf,
+    nanotrain_name_from_hf,
+)
+from nanotrain.model import build_model
 
 
 # ---- nanotrain -> Hugging Face -----------------------------------------------------------------
-
-def hf_config(model_cfg: ModelConfig, tokenizer=None) -> dict:
-    """The config.json of a LlamaForCausalLM equal to a llama-flavour model.
-
-    `rope_theta` and `rope_scaling` are the long-standing keys every transformers version reads
-    (version 5 folds them into `rope_parameters` on load).
-    """
-    special = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    if tokenizer is not None:
-        special = {"bos_token_id": tokenizer.bos_id if tokenizer.bos_id >= 0 else None,
-                   "eos_token_id": tokenizer.eos_id,
-                   "pad_token_id": tokenizer.pad_id if tokenizer.has_pad else None}
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": model_cfg.vocab_size,
-        "hidden_size": model_cfg.d_model,
-        "intermediate_size": model_cfg.d_ff,
-        "num_hidden_layers": model_cfg.n_layers,
-        "num_attention_heads": model_cfg.n_heads,
-        "num_key_value_heads": model_cfg.kv_heads,
-        "head_dim": model_cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": model_cfg.max_position_embeddings,
-        "rms_norm_eps": model_cfg.norm_eps,
-        "rope_theta": model_cfg.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
-        "initializer_range": model_cfg.init_std,
-        "tie_word_embeddings": model_cfg.tie_embeddings,
-        "torch_dtype": "float32",
-        "use_cache": True,
-        **special,
-    }
-
 
 def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict]:
     """tokenizer.json, tokenizer_config.json and special_tokens_map.json for a sentencepiece tokenizer.
@@ -210,15 +174,11 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write checkpoint `checkpoint` as a Hugging Face LlamaForCausalLM directory `out`."""
-    from nanotrain.checkpoint import load_inference
+    from nanotrain.inference_checkpoint import load_inference
 
     out = _check_out(out)
     model, cfg, tokenizer = load_inference(checkpoint, device="cpu")
-    if cfg.model.flavour != "llama":
-        raise ExportError(
-            "the gpt flavour has no LlamaForCausalLM equivalent (learned position embeddings, LayerNorm, "
-            "GELU MLP and biases instead of RoPE, RMSNorm and SwiGLU); only llama checkpoints export to HF"
-        )
+    check_llama_features(cfg.model)
 
     # Built first: a tokenizer that cannot be translated is refused before anything is written.
     tokenizer_jsons = tokenizer_files(tokenizer, cfg.model.max_position_embeddings) if tokenizer is not None else {}
@@ -236,63 +196,6 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 # ---- Hugging Face -> nanotrain -----------------------------------------------------------------
-
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """The llama-flavour ModelConfig of an HF Llama config.json, refusing what it cannot express."""
-    if hf.get("model_type") != "llama" and "LlamaForCausalLM" not in hf.get("architectures", []):
-        raise ExportError(
-            f"config.json describes model_type '{hf.get('model_type')}', architectures {hf.get('architectures')}; "
-            "only Llama (LlamaForCausalLM) directories can be imported"
-        )
-    rope_key, rope = _rope_settings(hf)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))  # "type" is the transformers 4.3x spelling
-    partial_rotary = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    refusals = {
-        rope_key: None if rope_type == "default" else rope,
-        "partial_rotary_factor": None if partial_rotary == 1 else partial_rotary,
-        "attention_bias": hf.get("attention_bias", False) or None,
-        "mlp_bias": hf.get("mlp_bias", False) or None,
-        "hidden_act": None if hf.get("hidden_act", "silu") in SILU_NAMES else hf.get("hidden_act"),
-    }
-    for key, value in refusals.items():
-        if value is not None:
-            raise ExportError(f"config.json sets {key} = {value!r}, which nanotrain's llama flavour does not "
-                              "implement (it has plain RoPE, no biases, SiLU); this model cannot be imported exactly")
-    n_heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
-    if head_dim * n_heads != hf["hidden_size"]:
-        raise ExportError(f"config.json has head_dim {head_dim} x {n_heads} heads != hidden_size {hf['hidden_size']}; "
-                          "nanotrain requires head_dim = hidden_size / num_attention_heads")
-    return ModelConfig(
-        flavour="llama",
-        vocab_size=hf["vocab_size"],
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        d_model=hf["hidden_size"],
-        d_ff=hf["intermediate_size"],
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),  # the dict wins, as in transformers
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        init_std=float(hf.get("initializer_range", 0.02)),
-    )
-
-
-def _rope_settings(hf: dict) -> tuple[str, dict]:
-    """The config.json key that holds the RoPE settings, and its dict, read as transformers 5 reads them.
-
-    transformers 4 writes `rope_theta` beside `rope_scaling` (null for plain RoPE); transformers 5
-    writes `rope_parameters` = {"rope_type": ..., "rope_theta": ...}, and on load a non-empty
-    `rope_scaling` replaces it.
-    """
-    key = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    rope = hf.get(key) or {}
-    if not isinstance(rope, dict):
-        raise ExportError(f"config.json sets {key} = {rope!r}; expected an object such as "
-                          '{"rope_type": "default", "rope_theta": 10000.0}')
-    return key, rope
-
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of the directory's *.safetensors files (one file or shards), as fp32."""
@@ -312,7 +215,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Write the HF Llama directory `hf_dir` as a nanotrain checkpoint directory `out`."""
-    from nanotrain.checkpoint import save_inference
+    from nanotrain.inference_checkpoint import save_inference
     from nanotrain.tokenizer import Tokenizer, TokenizerError
 
     hf_dir = Path(hf_dir)

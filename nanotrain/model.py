@@ -1,8 +1,10 @@
-"""One decoder-only Transformer in two flavours, chosen by `model.flavour`.
+"""One decoder-only Transformer, built from the features of `model.flavour` (flavours.py).
 
 - `gpt`:   learned position embeddings, LayerNorm, GELU MLP, biases, dropout (the mini-GPT).
 - `llama`: RoPE (HF's rotate-halves layout), RMSNorm computed in fp32, SwiGLU MLP,
            grouped-query attention (`n_kv_heads`), no biases, optional tied embeddings.
+The model asks `cfg.features` (norm, mlp, positions, bias), never the flavour's name: each
+feature value picks one block from NORMS or MLPS below, or the position encoding.
 
 Each block is pre-norm:  x = x + attn(norm(x));  x = x + mlp(norm(x)).
 The model knows nothing of devices, parallelism or precision: those are applied from outside.
@@ -22,7 +24,6 @@ With a cache, `attention_mask` covers past *and* new tokens: (B, cache.length + 
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn as nn
@@ -46,10 +47,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": RMSNorm}  # features.norm -> class(dim, eps=...)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
-    if cfg.flavour == "llama":
-        return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    """The norm layer `cfg.features.norm` names, over d_model with eps `norm_eps`."""
+    return NORMS[cfg.features.norm](cfg.d_model, eps=cfg.norm_eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float):
@@ -88,7 +91,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
-        bias = cfg.flavour == "gpt"
+        bias = cfg.features.bias
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.layer_index = layer_index  # which slot of a KVCache is ours
         self.dropout = cfg.dropout
@@ -114,22 +117,37 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
 
 
-class MLP(nn.Module):
-    """SwiGLU (llama): down(silu(gate(x)) * up(x)); GELU (gpt): down(gelu(up(x)))."""
+class GeluMLP(nn.Module):
+    """down(gelu(up(x))), d_ff hidden units (GPT-2)."""
+
+    matrices = 2  # weight matrices per token, for flops_per_token
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.flavour == "llama"
-        bias = not self.swiglu
-        if self.swiglu:
-            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
-        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.features.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.features.bias)
 
     def forward(self, x):  # (B, T, C) -> (B, T, C)
-        if self.swiglu:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), d_ff intermediate units (LLaMA)."""
+
+    matrices = 3
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # Registration order is init order (init_weights walks named_parameters): gate, up, down.
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.features.bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.features.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.features.bias)
+
+    def forward(self, x):  # (B, T, C) -> (B, T, C)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+MLPS = {"gelu": GeluMLP, "swiglu": SwiGLU}  # features.mlp -> class(cfg)
 
 
 class Block(nn.Module):
@@ -138,7 +156,7 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg, layer_index)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MLPS[cfg.features.mlp](cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, mask=None, kv_cache=None):  # (B, T, C) -> (B, T, C)
@@ -162,7 +180,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.flavour == "gpt":
+        if cfg.features.positions == "learned":
             self.pos_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
@@ -231,7 +249,7 @@ class Transformer(nn.Module):
 
         x = self.tok_embeddings(input_ids)  # (B, T, C)
         rope = None
-        if cfg.flavour == "gpt":
+        if cfg.features.positions == "learned":
             x = x + self.pos_embeddings(positions)
         else:
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
@@ -300,44 +318,8 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
     discounting the causal mask, as PaLM does.
     """
     d, kv_dim = model_cfg.d_model, model_cfg.kv_heads * model_cfg.head_dim
-    mlp_mats = 3 if model_cfg.flavour == "llama" else 2
-    per_layer = 2 * d * d + 2 * d * kv_dim + mlp_mats * d * model_cfg.d_ff
+    mlp_matrices = MLPS[model_cfg.features.mlp].matrices
+    per_layer = 2 * d * d + 2 * d * kv_dim + mlp_matrices * d * model_cfg.d_ff
     n_matmul = model_cfg.n_layers * per_layer + model_cfg.vocab_size * d
     return 6.0 * n_matmul + 12.0 * model_cfg.n_layers * d * seq_len
 
-
-# ---- names in Hugging Face's LlamaForCausalLM (one source of truth for tests, export, import) ----
-
-_HF_LLAMA_NAMES = {  # nanotrain name -> transformers name; "{}" stands for the layer index
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "blocks.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blocks.{}.attn.q_proj.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blocks.{}.attn.k_proj.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blocks.{}.attn.v_proj.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blocks.{}.attn.o_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blocks.{}.mlp_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blocks.{}.mlp.gate_proj.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blocks.{}.mlp.up_proj.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blocks.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-_FROM_HF_LLAMA_NAMES = {hf: ours for ours, hf in _HF_LLAMA_NAMES.items()}
-
-
-def _translate(name: str, table: dict[str, str], what: str) -> str:
-    layer = re.search(r"\.(\d+)\.", name)
-    pattern = name.replace(layer.group(0), ".{}.", 1) if layer else name
-    if pattern not in table:
-        raise KeyError(f"'{name}' has no counterpart in {what}")
-    return table[pattern].format(layer.group(1)) if layer else table[pattern]
-
-
-def hf_llama_name(name: str) -> str:
-    """The LlamaForCausalLM parameter name of a llama-flavour nanotrain parameter."""
-    return _translate(name, _HF_LLAMA_NAMES, "transformers' LlamaForCausalLM")
-
-
-def nanotrain_name_from_hf(hf_name: str) -> str:
-    """The nanotrain parameter name of a LlamaForCausalLM parameter (inverse of hf_llama_name)."""
-    return _translate(hf_name, _FROM_HF_LLAMA_NAMES, "nanotrain's llama flavour")

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanotrain.checkpoint import load_inference, save_inference
+from nanotrain.inference_checkpoint import load_inference, save_inference
 from nanotrain.config import load_config
-from nanotrain.export import ExportError, export_hf, import_hf, main
+from nanotrain.export import export_hf, import_hf, main
+from nanotrain.hf import ExportError
 from nanotrain.model import build_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanotrain.config import ModelConfig
-from nanotrain.model import build_model, hf_llama_name
+from nanotrain.hf import ExportError, check_llama_features, hf_llama_config, hf_llama_name, model_config_from_hf
+from nanotrain.model import build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,3 +57,26 @@ def test_llama_logits_match_transformers_with_left_padding():
     logits = ours(ids, attention_mask=mask)[0]
     real = mask.bool()
     assert (logits[real] - expected[real]).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_the_shared_hf_config_builds_a_llama_with_our_logits():
+    # hf.py's mapping (what export writes as config.json and bench builds) gives the same model as the one above.
+    ours, _ = llama_pair(tie_embeddings=True)
+    hf = transformers.LlamaForCausalLM._from_config(hf_llama_config(ours.config), attn_implementation="eager").eval()
+    hf.load_state_dict({hf_llama_name(name): tensor for name, tensor in ours.state_dict().items()}, strict=True)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    assert (ours(ids)[0] - hf(input_ids=ids).logits).abs().max().item() <= 1e-5
+    assert model_config_from_hf(hf.config.to_dict()) == ours.config  # and the import reads it back
+
+
+def test_only_the_llama_features_have_an_hf_counterpart():
+    check_llama_features(ModelConfig(flavour="llama"))
+    with pytest.raises(ExportError) as info:
+        check_llama_features(ModelConfig(flavour="gpt"))
+    message = str(info.value)
+    assert message.startswith("the gpt flavour has no LlamaForCausalLM equivalent (")
+    for difference in ("norm layernorm instead of rmsnorm", "mlp gelu instead of swiglu",
+                       "positions learned instead of rope", "bias True instead of False"):
+        assert difference in message

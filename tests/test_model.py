@@ -2,19 +2,15 @@
 
 import dataclasses
 import math
+import typing
 
 import pytest
 import torch
 
-from nanotrain.config import ModelConfig, load_config
-from nanotrain.model import (
-    build_model,
-    flops_per_token,
-    hf_llama_name,
-    nanotrain_name_from_hf,
-    num_parameters,
-    parameter_report,
-)
+from nanotrain.config import ModelConfig, load_config, preset_names
+from nanotrain.flavours import FEATURES, Flavour, FlavourFeatures
+from nanotrain.hf import hf_llama_name, nanotrain_name_from_hf
+from nanotrain.model import build_model, flops_per_token, num_parameters, parameter_report
 
 FLAVOURS = ["gpt", "llama"]
 
@@ -230,3 +226,40 @@ def test_config_fields_reach_the_model():
     model = build_model(cfg)
     assert model.config is cfg and model.norm.eps == 1e-3
     assert len(model.blocks) == cfg.n_layers and model.blocks[0].attn.k_proj.out_features == 2 * cfg.head_dim
+
+
+# ---- flavours are features: the model asks cfg.features, never the flavour's name ----------------
+
+def test_every_flavour_has_one_row_of_features_and_presets_name_known_flavours():
+    assert typing.get_args(Flavour) == tuple(FEATURES)  # a new flavour is named in both, in the same order
+    assert {load_config(name).model.flavour for name in preset_names()} <= set(FEATURES)
+
+
+def test_a_third_flavour_is_one_row_of_features(monkeypatch):
+    # A llama with biases and a GELU MLP: no code in model.py names it, yet it builds and trains.
+    hybrid = FlavourFeatures(norm="rmsnorm", mlp="gelu", positions="rope", bias=True, grouped_query_attention=True)
+    monkeypatch.setitem(FEATURES, "hybrid", hybrid)
+    cfg = tiny_config("hybrid", n_kv_heads=2)
+    model = build_model(cfg).train()
+    names = set(model.state_dict())
+    assert "blocks.0.attn.q_proj.bias" in names and "blocks.0.mlp.up_proj.bias" in names
+    assert "blocks.0.mlp.gate_proj.weight" not in names and "pos_embeddings.weight" not in names
+    assert type(model.norm).__name__ == "RMSNorm" and "bias" not in dict(model.norm.named_parameters())
+    ids = random_ids(2, 10)
+    model(ids, labels=ids)[1].backward()
+    assert model.blocks[0].mlp.up_proj.bias.grad.abs().sum() > 0  # the biases are in the graph
+    norm_params = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
+    bias_params = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    matmul_params = num_parameters(model, exclude_embeddings=True) - norm_params - bias_params
+    assert flops_per_token(cfg, 16) == 6 * matmul_params + 12 * cfg.n_layers * cfg.d_model * 16  # 2 MLP matrices
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_each_flavour_builds_the_blocks_its_features_name(flavour):
+    features = FEATURES[flavour]
+    model = tiny_model(flavour)
+    names = set(model.state_dict())
+    assert ("pos_embeddings.weight" in names) == (features.positions == "learned")
+    assert ("blocks.1.mlp.gate_proj.weight" in names) == (features.mlp == "swiglu")
+    assert ("blocks.1.attn.o_proj.bias" in names) == features.bias
+    assert ("norm.bias" in names) == (features.norm == "layernorm")  # LayerNorm has a bias, RMSNorm none
