@@ -2,7 +2,10 @@
 
 Like torchtitan's parallelize step, the model arrives here plain (model.py knows nothing of
 distribution) and leaves wrapped, in this order: activation checkpointing, compile, then
-data parallelism (DDP, or FSDP2's `fully_shard` per block and at the root).
+data parallelism over the mesh's dp axis (DDP, or FSDP2's `fully_shard` per block and at the
+root, with the mixed precision policy precision.py produces). What the rest of the code needs
+from a wrapped model goes through small named functions here: `unwrap`, `gradient_sync`,
+`clip_grad_norm`, `full_state_dict`; and sums over ranks through `all_reduce_sum`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nanotrain.config import Config, ConfigError
 from nanotrain.parallel_dims import ParallelDims
+from nanotrain.precision import Precision
 
 
 def launched_by_torchrun() -> bool:
@@ -111,6 +115,7 @@ def init(cfg: Config) -> ParallelDims:
 
     The backend is NCCL on CUDA and gloo on CPU. The collective timeout is set from
     `parallel.timeout_s`, so a rank stuck waiting on a dead peer fails instead of hanging.
+    Every rank of a group then builds the device mesh together (`ParallelDims.build_mesh`).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -136,7 +141,10 @@ def init(cfg: Config) -> ParallelDims:
             # binds the NCCL communicator to this rank's GPU now, not at the first collective
             device_id=device if device.type == "cuda" else None,
         )
-    return ParallelDims(rank, local_rank, world_size, device, strategy)
+    dims = ParallelDims(rank, local_rank, world_size, device, strategy)
+    if launched_by_torchrun() and dist.is_initialized():
+        dims.build_mesh()
+    return dims
 
 
 @contextmanager
@@ -168,18 +176,23 @@ def record_errors(main):
     return record(main)
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all ranks in place (a no-op in a single process)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum a tensor in place over the ranks of `group`, usually `dims.dp_group`.
+
+    Every rank of the group must call it together. None (one process: there is no group)
+    leaves the tensor as it is.
+    """
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
-def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, param_dtype: torch.dtype | None = None) -> nn.Module:
+def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, precision: Precision | None = None) -> nn.Module:
     """Apply activation checkpointing, compile and data parallelism to a plain model.
 
-    `param_dtype` (bf16/fp16) makes FSDP compute in low precision with fp32 gradient
-    reduction; the other strategies get their low precision from autocast instead.
+    Under FSDP `precision`'s `fsdp_policy()` decides the dtype of the gathered parameters
+    (bf16/fp16 compute, fp32 gradient reduction); without one they stay fp32. The other
+    strategies get their low precision from autocast instead.
     """
     model.to(dims.device)
     if cfg.model.activation_checkpointing:
@@ -194,17 +207,17 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, param_dtype: 
 
     if dims.strategy == "ddp":
         device_ids = [dims.device.index] if dims.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
+        return DistributedDataParallel(model, device_ids=device_ids, process_group=dims.dp_group)
     if dims.strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+        mp_policy = (precision or Precision("fp32", dims.device, dims.strategy)).fsdp_policy()
         reshard = cfg.parallel.reshard_after_forward
         for block in model.blocks:
-            fully_shard(block, reshard_after_forward=reshard, mp_policy=mp_policy)
+            fully_shard(block, mesh=dims.dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
         # The root holds the embeddings, final norm and head (and a tied embedding/head weight,
         # which must live in one FSDP group; the root is that group).
-        fully_shard(model, reshard_after_forward=reshard, mp_policy=mp_policy)
+        fully_shard(model, mesh=dims.dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
     return model
 
 
@@ -235,3 +248,17 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def full_state_dict(model: nn.Module, dims: ParallelDims) -> dict[str, torch.Tensor]:
+    """The model's whole weights on the CPU, clean names, on the main rank; {} on the others.
+
+    Every rank must call it together: under FSDP it gathers the shards (onto rank 0 only).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if dims.strategy == "fsdp":
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dims.is_main:
+        return {}
+    return {name: tensor.detach().cpu() for name, tensor in get_model_state_dict(model).items()}

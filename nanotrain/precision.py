@@ -2,8 +2,9 @@
 
 fp32 runs as written. bf16 and fp16 keep fp32 master weights and optimizer state and run the
 forward under autocast (bf16 on CPU and CUDA, fp16 on CUDA only); under FSDP the low-precision
-compute comes from FSDP2's MixedPrecisionPolicy instead (see distributed.parallelize). fp16's
-narrow range needs a dynamic GradScaler, which skips steps whose gradients overflow.
+compute comes from FSDP2's MixedPrecisionPolicy instead: `fsdp_policy()` produces it and
+distributed.parallelize applies it. fp16's narrow range needs a dynamic GradScaler, which skips
+steps whose gradients overflow.
 """
 
 from __future__ import annotations
@@ -41,6 +42,25 @@ class Precision:
         if not self.uses_autocast:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def fsdp_policy(self):
+        """FSDP2's MixedPrecisionPolicy for this precision, which distributed.parallelize applies.
+
+        Parameters are gathered in the compute dtype (fp32 leaves them as stored); gradients are
+        always reduced in fp32.
+        """
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=self.fsdp_param_dtype, reduce_dtype=torch.float32)
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype | None:
+        """The dtype a generation KV cache must hold, where it differs from the stored parameters'.
+
+        FSDP computes with the parameters cast to bf16/fp16, so keys and values come out in that
+        dtype; None: the parameters' dtype (autocast casts what it reads from the cache itself).
+        """
+        return self.fsdp_param_dtype
 
     def describe(self) -> str:
         if self.name == "fp32":

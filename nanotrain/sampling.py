@@ -193,9 +193,9 @@ def sample_completions(model: torch.nn.Module, tokenizer, train_cfg, precision=N
     keep = context_length(model) - max_new_tokens
     prompt_ids = [encode_prompt(tokenizer, p)[-keep:] for p in train_cfg.sample_prompts]
     autocast = precision.autocast() if precision is not None else nullcontext()
-    fsdp_dtype = precision.fsdp_param_dtype if precision is not None else None
+    cache_dtype = precision.kv_cache_dtype if precision is not None else None
     with autocast:
         completions = generate(model, prompt_ids, max_new_tokens, temperature=0.0,
                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                               stop_when_all_done=False, cache_dtype=fsdp_dtype)
+                               stop_when_all_done=False, cache_dtype=cache_dtype)
     return [tokenizer.decode(p + c) for p, c in zip(prompt_ids, completions)]
