@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from nanotrain.checkpoint import list_checkpoints
+from nanotrain.checkpoint_files import list_checkpoints
 from nanotrain.config import TrainConfig
 from nanotrain.errors import NanotrainError
 

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from nanotrain.checkpoint import load_inference  # lazily: `--help` needs no checkpoint code
+    from nanotrain.inference_checkpoint import load_inference  # lazily: `--help` needs no checkpoint code
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)

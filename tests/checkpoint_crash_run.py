@@ -3,7 +3,8 @@
     CRASH_AT_STEP=N  CRASH_POINT=<point>  [CRASH_RANK=r]  python tests/checkpoint_crash_run.py ARGS...
 
 Points: "after_step" (right after the checkpoint seam of step N, outside any save), "sigterm"
-(SIGTERM instead of SIGKILL, just before the checkpoint seam of step N: a preemption notice), or one of the
+(SIGTERM instead of SIGKILL, right after the checkpoint seam of step N - 1, so the ranks agree on it
+at step N's preemption check: a preemption notice), or one of the
 named steps of a save at step N, killed just before ("before_<name>") or just after ("after_<name>"):
 save_train_state, save_rank_state, write_manifest, publish, prune. Under torchrun the crash happens
 on CRASH_RANK only (default 0) and only in the first attempt (TORCHELASTIC_RESTART_COUNT = 0), so a
@@ -40,20 +41,21 @@ def crashing(name, original):
     return wrapper
 
 
-for attribute in ("_save_train_state", "_save_rank_state", "_write_manifest", "publish"):
+for attribute in ("_save_train_state", "_save_rank_state", "write_manifest", "publish"):
     setattr(checkpoint, attribute, crashing(attribute.lstrip("_"), getattr(checkpoint, attribute)))
 checkpoint.Checkpointer._prune = crashing("prune", checkpoint.Checkpointer._prune)
 original_maybe_save = checkpoint.Checkpointer.maybe_save
 
 
-def maybe_save(self, step):
+def maybe_save(self, *args, **kwargs):
     global current_step
-    current_step = step
-    if CRASH_HERE and step == CRASH_STEP and CRASH_POINT == "sigterm":
+    current_step = step = self.train_state.step
+    saved = original_maybe_save(self, *args, **kwargs)
+    if CRASH_HERE and step == CRASH_STEP - 1 and CRASH_POINT == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice that reaches this rank only
-    original_maybe_save(self, step)
     if CRASH_HERE and step == CRASH_STEP and CRASH_POINT == "after_step":
         die()
+    return saved
 
 
 checkpoint.Checkpointer.maybe_save = maybe_save

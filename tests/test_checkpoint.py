@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import shutil
 import signal
 import subprocess
@@ -12,14 +13,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from nanotrain import build_model, checkpoint, distributed, load_config
-from nanotrain.checkpoint import CheckpointError, load_inference, save_inference, verify
+from nanotrain.checkpoint import CheckpointError, verify
 from nanotrain.errors import NanotrainError
 from nanotrain.files import temp_directory
+from nanotrain.inference_checkpoint import load_inference, save_inference
+from nanotrain.parallel_dims import ParallelDims
+from nanotrain.preemption import Preemption
+from nanotrain.safe_loading import read_dcp_metadata
+from nanotrain.train_state import RandomState, TrainState, seed_everything
 from nanotrain.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,7 +243,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, single):
         out = copy_run(single, tmp_path / victim.replace("/", "_"))
         ckpt = out / "checkpoints" / "step_00000006"
         (ckpt / victim).write_bytes(pickle.dumps(Payload()))
-        checkpoint._write_manifest(ckpt, 6, "training")  # the attacker rewrote the manifest too
+        checkpoint.write_manifest(ckpt, 6, "training")  # the attacker rewrote the manifest too
         with pytest.raises(CheckpointError, match="refusing to load"):
             run_here(out, f"--checkpoint.resume={ckpt}")
         assert not marker.exists()
@@ -296,7 +303,7 @@ def test_crafted_dcp_metadata_never_runs_on_resume(tmp_path, single, payload):
     out = copy_run(single, tmp_path / "run")
     ckpt = out / "checkpoints" / "step_00000006"
     (ckpt / "train_state" / ".metadata").write_bytes(metadata_payloads(marker)[payload])
-    checkpoint._write_manifest(ckpt, 6, "training")  # whoever can write the directory can rewrite the manifest
+    checkpoint.write_manifest(ckpt, 6, "training")  # whoever can write the directory can rewrite the manifest
     try:
         for resume in ("auto", str(ckpt)):
             with pytest.raises(CheckpointError, match=r"refusing to load .*\.metadata: (global|setting the state)"):
@@ -312,11 +319,11 @@ def test_crafted_dcp_metadata_never_runs_on_resume(tmp_path, single, payload):
 def test_dcp_metadata_naming_a_file_outside_the_checkpoint_is_refused(tmp_path, single):
     out = copy_run(single, tmp_path / "run")
     ckpt = out / "checkpoints" / "step_00000006"
-    metadata = checkpoint._read_dcp_metadata(ckpt / "train_state")
+    metadata = read_dcp_metadata(ckpt / "train_state")
     first = next(iter(metadata.storage_data))
     metadata.storage_data[first].relative_path = "../rank_00000.pt"
     (ckpt / "train_state" / ".metadata").write_bytes(pickle.dumps(metadata))
-    checkpoint._write_manifest(ckpt, 6, "training")
+    checkpoint.write_manifest(ckpt, 6, "training")
     with pytest.raises(CheckpointError, match=r"names data file '\.\./rank_00000\.pt', which is not a file in"):
         run_here(out, f"--checkpoint.resume={ckpt}")
 
@@ -338,7 +345,7 @@ def test_crafted_dcp_metadata_never_runs_from_any_command(tmp_path, story_run):
     out = copy_run(run, tmp_path / "run")
     ckpt = out / "checkpoints" / "step_00000002"
     (ckpt / "train_state" / ".metadata").write_bytes(metadata_payloads(marker)["metadata+os.system"])
-    checkpoint._write_manifest(ckpt, 2, "training")
+    checkpoint.write_manifest(ckpt, 2, "training")
     python = [sys.executable, "-m"]
     commands = {
         "train": [*python, "nanotrain.train", "--config", str(out / "config.toml"), f"--train.out_dir={out}",
@@ -371,7 +378,7 @@ def test_malformed_shard_is_one_error(tmp_path, single):
     ckpt = out / "checkpoints" / "step_00000006"
     shard = next((ckpt / "train_state").glob("*.distcp"))
     shard.write_bytes(b"not a tensor file" * 100)
-    checkpoint._write_manifest(ckpt, 6, "training")
+    checkpoint.write_manifest(ckpt, 6, "training")
     with pytest.raises(CheckpointError, match=f"checkpoint '{ckpt}': train_state cannot be loaded into this model"):
         run_here(out, f"--checkpoint.resume={ckpt}")
 
@@ -379,7 +386,7 @@ def test_malformed_shard_is_one_error(tmp_path, single):
 def write_trainer_state(ckpt: Path, content: str) -> None:
     """Replace the checkpoint's trainer_state.json and rewrite the manifest to match (as an editor would)."""
     (ckpt / "trainer_state.json").write_text(content)
-    checkpoint._write_manifest(ckpt, 6, "training")
+    checkpoint.write_manifest(ckpt, 6, "training")
 
 
 @pytest.mark.parametrize("change, named", [
@@ -425,14 +432,14 @@ def test_failing_save_is_one_error_and_publishes_nothing(tmp_path, monkeypatch, 
 
         monkeypatch.setattr(FileSystem, "create_stream", full_disk_stream)
     else:
-        write_manifest = checkpoint._write_manifest
+        write_manifest = checkpoint.write_manifest
 
         def full_disk_manifest(directory, step, kind):
             if step == 4:
                 raise disk_full
             write_manifest(directory, step, kind)
 
-        monkeypatch.setattr(checkpoint, "_write_manifest", full_disk_manifest)
+        monkeypatch.setattr(checkpoint, "write_manifest", full_disk_manifest)
     out = tmp_path / "run"
     with pytest.raises(CheckpointError, match=r"saving checkpoint .*step_00000004 failed \(\[Errno 28\] No space left "
                                               r"on device\); nothing was published and earlier checkpoints are intact"):
@@ -508,6 +515,58 @@ def test_weights_only_checkpoint_cannot_resume(tmp_path):
     path = save_inference(tmp_path / "w", build_model(cfg.model).state_dict(), cfg)
     with pytest.raises(CheckpointError, match="cannot resume training"):
         run_here(tmp_path / "run", f"--checkpoint.resume={path}")
+
+
+# ---- the pieces the checkpointer saves: train state, random streams, preemption ----------------
+
+def test_train_state_counts_and_round_trips():
+    state = TrainState()
+    assert state.advance(64) == 1 and state.advance(64) == 2
+    state.skipped_steps += 1
+    saved = state.state_dict()
+    assert list(saved) == ["step", "tokens_seen", "skipped_steps"]  # trainer_state.json's order
+    assert saved == {"step": 2, "tokens_seen": 128, "skipped_steps": 1}
+    resumed = TrainState()
+    resumed.load_state_dict({**saved, "world_size": 1})  # a whole trainer_state.json is fine
+    assert resumed == state
+
+
+def draws() -> list:
+    return [random.random(), float(np.random.rand()), torch.rand(3).tolist()]
+
+
+def test_random_state_restores_every_stream_through_a_weights_only_file(tmp_path):
+    streams = RandomState(torch.device("cpu"))
+    seed_everything(5)
+    torch.save(streams.state_dict(), tmp_path / "rng.pt")
+    expected = draws()
+    seed_everything(6)
+    streams.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draws() == expected
+
+
+def test_reseeding_for_a_new_layout_differs_per_rank_and_takes_any_step():
+    RandomState.reseed(1337, step=10**6, rank=0)  # 1_000_003 * step is past NumPy's 32-bit seeds
+    rank0 = draws()
+    RandomState.reseed(1337, step=10**6, rank=1)
+    assert draws() != rank0
+    RandomState.reseed(1337, step=10**6, rank=0)
+    assert draws() == rank0
+
+
+def test_preemption_notices_a_signal_and_gives_the_handlers_back():
+    before = signal.getsignal(signal.SIGTERM)
+    disabled = Preemption(False, ParallelDims.single_process("cpu"))
+    assert signal.getsignal(signal.SIGTERM) is before and not disabled.requested()
+    preemption = Preemption(True, ParallelDims.single_process("cpu"))
+    try:
+        assert not preemption.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preemption.requested()
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # a second SIGTERM ends the process
+    finally:
+        preemption.close()
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # ---- non-finite steps ----------------------------------------------------------------------------
@@ -620,3 +679,13 @@ def test_one_process_resume_on_two_fsdp_ranks(tmp_path, fsdp_reference):
         assert loss == pytest.approx(ref[step], rel=1e-5)
     for name, tensor in weights(fsdp_reference).items():
         torch.testing.assert_close(weights(out)[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_a_refused_resume_stops_every_rank_in_one_line(tmp_path):
+    """Only rank 0 looks at the disk; rank 1 learns its verdict and stops too, instead of waiting for it."""
+    missing = tmp_path / "nope"
+    result = torchrun(args_for(tmp_path / "run", "--train.batch_size=2", f"--checkpoint.resume={missing}"))
+    assert result.returncode != 0
+    errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error:"))
+    assert errors == [f"error: checkpoint '{missing}' does not exist",
+                      "error: rank 0 could not open the checkpoint to resume from; see its error"]

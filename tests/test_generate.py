@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanotrain.checkpoint import save_inference
+from nanotrain.inference_checkpoint import save_inference
 from nanotrain.config import ModelConfig, load_config
 from nanotrain.files import sha256_file
 from nanotrain.generate import main

@@ -1,0 +1,56 @@
+"""Inference checkpoints: weights, config and tokenizer, for generate, evaluate, export and the HF importer.
+
+Any checkpoint opens this way, a training checkpoint too (its extra files are ignored); a
+weights-only one written by `save_inference` cannot resume training (checkpoint.py says so).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nanotrain.checkpoint_files import (
+    CONFIG, TOKENIZER, WEIGHTS, CheckpointError, read_weights, verify, write_bytes, write_manifest, write_text,
+    write_weights,
+)
+from nanotrain.config import Config, ConfigError, load_config
+from nanotrain.files import atomic_directory
+
+
+def save_inference(path: str | Path, model_state_dict: dict, cfg: Config, tokenizer_path: str | Path | None = None) -> Path:
+    """Write an inference checkpoint (weights, config, tokenizer, manifest) atomically at `path`.
+
+    `model_state_dict` has clean nanotrain names; `path` must not exist yet.
+    """
+    path = Path(path)
+    if path.exists():
+        raise CheckpointError(f"'{path}' already exists; choose a new checkpoint directory or delete it")
+    with atomic_directory(path) as tmp:
+        write_weights(tmp / WEIGHTS, model_state_dict, cfg)
+        write_text(tmp / CONFIG, cfg.to_toml())
+        if tokenizer_path is not None:
+            write_bytes(tmp / TOKENIZER, Path(tokenizer_path).read_bytes())
+        write_manifest(tmp, step=None, kind="inference")
+    return path
+
+
+def load_inference(path: str | Path, device: str | torch.device = "cpu"):
+    """Open any checkpoint for inference: `(model in eval mode, cfg, tokenizer or None)`.
+
+    The manifest's hashes are verified first; the model is built with `build_model` and the
+    weights loaded strictly (a tied head is re-tied to the embedding table).
+    """
+    from nanotrain.model import build_model
+    from nanotrain.tokenizer import Tokenizer
+
+    path = Path(path)
+    verify(path)
+    try:
+        cfg = load_config(str(path / CONFIG))
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint '{path}': {CONFIG} is not a valid config ({e})") from None
+    model = build_model(cfg.model)
+    model.load_state_dict(read_weights(path, cfg), strict=True)
+    tokenizer = Tokenizer.load(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
+    return model.to(device).eval(), cfg, tokenizer
