@@ -1,8 +1,9 @@
-"""Run metrics: the metrics.jsonl writer, the console log line, and the speed figures.
+"""Speed figures: throughput, MFU, peak memory and the data/compute split of a training run.
 
 Every training log record carries, besides loss and lr: tokens/s (total and per rank), MFU
 (model FLOPs utilisation: achieved training FLOP/s over the device's peak), peak memory, and
-how the time since the last log step split between waiting for data and computing.
+how the time since the last log step split between waiting for data and computing. The loop
+hands the record to nanotrain.run_log, whose sinks print and store it.
 
 The peak comes from `train.peak_tflops` when set, else from a table of known GPUs (dense,
 no sparsity), else, on CPU, from a matmul timed once per process at start (half a second).
@@ -11,60 +12,14 @@ no sparsity), else, on CPU, from a matmul timed once per process at start (half 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import os
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from nanotrain.model import flops_per_token
-
-
-class MetricsLog:
-    """Appends one JSON object per record to <run dir>/metrics.jsonl (main process only)."""
-
-    def __init__(self, path: Path | None, append: bool = False):
-        self.file = open(path, "a" if append else "w") if path is not None else None
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def format_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
-
-
-def format_step(record: dict, max_steps: int) -> str:
-    """The one line printed every train.log_every steps."""
-    parts = [
-        f"step {record['step']:>6}/{max_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
-        f"grad norm {record['grad_norm']:.3f}", f"{record['tokens_per_sec']:,.0f} tok/s",
-    ]
-    if record.get("tokens_per_sec_per_rank", record["tokens_per_sec"]) != record["tokens_per_sec"]:
-        parts[-1] += f" ({record['tokens_per_sec_per_rank']:,.0f}/rank)"
-    if record.get("mfu_pct") is not None:
-        parts.append(f"MFU {record['mfu_pct']:.1f}%")
-    if record.get("peak_mem_gib") is not None:
-        parts.append(f"mem {record['peak_mem_gib']:.2f} GiB ({record['peak_mem_pct']:.0f}%)")
-    if "data_ms" in record:
-        parts.append(f"data {record['data_ms']:.0f} ms + compute {record['compute_ms']:.0f} ms")
-    parts += [f"elapsed {format_duration(record['elapsed_s'])}", f"eta {format_duration(record['eta_s'])}"]
-    return " | ".join(parts)
 
 
 # Dense peak TFLOP/s from NVIDIA's data sheets: (bf16/fp16 tensor core, tf32 tensor core, fp32).

@@ -1,40 +1,26 @@
 """Loss curves from runs: `python -m nanotrain.plot RUN_DIR [RUN_DIR ...] [--out PNG]`.
 
-Reads each run's metrics.jsonl and draws train and val loss, learning rate and tokens/s
-against the step, one colour per run, so passing two run directories compares them.
+Reads each run's metrics.jsonl (with nanotrain.run_log's reader) and draws train and val loss,
+learning rate and tokens/s against the step, one colour per run, so passing two run directories
+compares them.
 Needs matplotlib (`pip install 'nanotrain[plot]'`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
+from nanotrain.run_log import metrics_path, read_metrics
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of a run; a torn last line (a crash mid-write) is ignored."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise NanotrainError(f"{path} not found: pass a run directory (train.out_dir) of a run that logged")
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise NanotrainError(f"{path} line {number} is not JSON; the file is damaged") from None
-    train_records = [r for r in records if "loss" in r]
-    eval_records = [r for r in records if "val_loss" in r]
-    if not train_records and not eval_records:
-        raise NanotrainError(f"{path} holds no loss records yet")
-    return train_records, eval_records
+def loss_records(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run; a run with neither is an error."""
+    records = read_metrics(run_dir)
+    if not records.steps and not records.evals:
+        raise NanotrainError(f"{metrics_path(run_dir)} holds no loss records yet")
+    return records.steps, records.evals
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:
@@ -47,7 +33,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     except ImportError:
         raise NanotrainError("plotting needs matplotlib: pip install 'nanotrain[plot]'") from None
 
-    runs = [(run_dir, *read_metrics(run_dir)) for run_dir in run_dirs]
+    runs = [(run_dir, *loss_records(run_dir)) for run_dir in run_dirs]
     fig, (loss_ax, lr_ax, speed_ax) = plt.subplots(3, 1, figsize=(9, 10), sharex=True,
                                                    gridspec_kw={"height_ratios": [3, 1, 1]})
     for index, (run_dir, train_records, eval_records) in enumerate(runs):

@@ -28,15 +28,15 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nanotrain.checkpoint import checkpoint_root, list_checkpoints
+from nanotrain.checkpoint_files import checkpoint_root, list_checkpoints
 from nanotrain.config import Config
 from nanotrain.distributed import restart_attempt
 from nanotrain.errors import NanotrainError
 from nanotrain.files import fsync
+from nanotrain.run_log import METRICS_FILE
 
 LOCK = ".lock"
 CONFIG = "config.toml"
-METRICS = "metrics.jsonl"
 
 
 class RunDirectoryError(NanotrainError):
@@ -109,9 +109,9 @@ def refuse_to_start_over(run_dir: Path, checkpoints: Path) -> None:
     saved = list_checkpoints(checkpoints)
     if saved:
         found.append(f"checkpoints up to step {saved[0][0]}")
-    metrics = run_dir / METRICS
+    metrics = run_dir / METRICS_FILE
     if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append(f"a non-empty {METRICS}")
+        found.append(f"a non-empty {METRICS_FILE}")
     if not found:
         return
     if inside:
