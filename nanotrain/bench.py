@@ -10,9 +10,10 @@ AdamW step) of nanotrain's model and of a reference trained by a plain PyTorch l
 - gpt flavour: `ReferenceGPT` below, a plain mini-GPT of the same shape.
 The two sides alternate, `--steps` steps each per round, the first round is a warm-up, and
 the medians over rounds are reported, so a machine's changing load hits both sides alike.
-Both sides share the process and its settings (threads, allocator); nanotrain runs as
-`nanotrain.train` would run it (fused loss, AdamW kernel per optim.implementation), the
-reference with torch's defaults (`torch.optim.AdamW(params, lr)`, mean loss from the model).
+Both sides share the process and its settings (threads, allocator); nanotrain runs the training
+loop's own `train_step` (fused loss, AdamW kernel per optim.implementation, and the one host sync
+per step that reads the loss and gradient norm), the reference torch's defaults
+(`torch.optim.AdamW(params, lr)`, mean loss from the model).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotrain import distributed
-from nanotrain.config import ModelConfig, load_config
+from nanotrain.config import CHOICES, ModelConfig, load_config
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.metrics import device_peak_tflops, peak_memory
-from nanotrain.model import build_model, flops_per_token, hf_llama_name
+from nanotrain.hf import LLAMA_FEATURES, hf_llama_config, hf_llama_name
+from nanotrain.model import build_model, flops_per_token
 from nanotrain.optim import build_optimizer
 from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
+from nanotrain.train_step import train_step
 
 
 class ReferenceGPT(nn.Module):
@@ -69,19 +72,13 @@ def hf_llama_with_weights_of(model: nn.Module, cfg: ModelConfig):
         raise NanotrainError(
             "the llama benchmark compares with Hugging Face transformers: pip install transformers"
         ) from None
-    hf_config = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-    )
-    hf = transformers.LlamaForCausalLM(hf_config)  # attention through SDPA, transformers' default
+    hf = transformers.LlamaForCausalLM(hf_llama_config(cfg))  # attention through SDPA, transformers' default
     hf.load_state_dict({hf_llama_name(k): v for k, v in model.state_dict().items()}, strict=True)
     return hf
 
 
 class Side:
-    """One contestant: a model, its optimizer and a function doing one full training step."""
+    """One contestant: a model, its optimizer and a function doing one full training step and returning its loss."""
 
     def __init__(self, name: str, step_fn):
         self.name, self.step_fn = name, step_fn
@@ -100,7 +97,7 @@ class Side:
         for _ in range(steps):
             loss = self.step_fn()
             if self.first_loss is None:  # the very first step: both sides start from the same weights
-                self.first_loss = loss.item()
+                self.first_loss = float(loss)
         synchronize(device)
         seconds = time.perf_counter() - start
         self.cpu_seconds += time.process_time() - cpu_start
@@ -125,21 +122,15 @@ def synchronize(device: torch.device) -> None:
 
 
 def nanotrain_side(model: nn.Module, cfg, dims: ParallelDims, precision: Precision, batch: torch.Tensor) -> Side:
-    """nanotrain's step, as train.py runs it with one process and no accumulation."""
-    model = distributed.parallelize(model, cfg, dims, precision.fsdp_param_dtype)
+    """nanotrain's step: `train_step`, as the training loop runs it with one process and no accumulation."""
+    model = distributed.parallelize(model, cfg, dims, precision)
     optimizer = build_optimizer(model, cfg.optim, cfg.train.lr)
+    micro_batches = [{"input_ids": batch, "labels": batch}]
 
     def step():
-        with precision.autocast():
-            _, loss_sum = model(batch, labels=batch, loss_reduction="sum", fused_loss=cfg.train.fused_loss)
-        loss = loss_sum / (batch.numel() - batch.size(0))  # every shifted label is valid here
-        precision.scaler.scale(loss).backward()
-        precision.scaler.unscale_(optimizer)
-        distributed.clip_grad_norm(model, cfg.optim.grad_clip)
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        outcome = train_step(model, optimizer, micro_batches, dims, precision, grad_clip=cfg.optim.grad_clip,
+                             fused_loss=cfg.train.fused_loss)
+        return outcome.loss
 
     return Side("nanotrain", step)
 
@@ -185,9 +176,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds after the warm-up round")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="fp32", choices=CHOICES["train.precision"])
     parser.add_argument("--compile", action="store_true", help="torch.compile each block, both sides")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", choices=CHOICES["train.device"])
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per side")
     parser.add_argument("--reference_fused_adamw", action="store_true",
                         help="give the reference torch's fused AdamW too (compares model + loss alone)")
@@ -224,7 +215,7 @@ def main(argv=None) -> None:
                           generator=torch.Generator().manual_seed(0)).to(dims.device)
 
     ours = build_model(m, seed=0)
-    if m.flavour == "llama":
+    if m.features == LLAMA_FEATURES:  # what LlamaForCausalLM implements; otherwise a plain GPT
         reference = reference_side("HF LlamaForCausalLM", hf_llama_with_weights_of(ours, m), cfg, dims, precision, batch,
                                    args.reference_fused_adamw)
     else:

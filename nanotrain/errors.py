@@ -41,7 +41,10 @@ def exit_on_error(main):
         try:
             return main(*args, **kwargs)
         except NanotrainError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # One write of the whole line: ranks sharing torchrun's stderr pipe never interleave
+            # mid-line (print would write the text and the newline separately).
+            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.flush()
             raise SystemExit(2) from None
 
     return guarded

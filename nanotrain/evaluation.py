@@ -3,8 +3,9 @@
 `mean_loss` is what the training loop logs as val loss; `evaluate_checkpoint` is what the
 command `python -m nanotrain.evaluate` (evaluate.py) runs: loss (nats/token) and perplexity
 exp(loss) of a checkpoint on a split of a dataset made by `nanotrain.prepare`. Batches come
-from data.py's `build_data` and the loss from `mean_loss`, the same code the training loop
-uses, so with the run's seq_len, batch size and eval_steps the figure equals its val loss.
+from data.py's `evaluation_batches` (the samples, layout and order of training's loaders) and the
+loss from `mean_loss`, the code the training loop uses, so with the run's seq_len, batch size and
+eval_steps the figure equals its val loss.
 By default every full batch of the split is used.
 
 Precision: fp32, or bf16 (autocast, CPU or CUDA), or fp16 (autocast, CUDA only).
@@ -14,19 +15,20 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from nanotrain.config import ConfigError, validate
-from nanotrain.data import DataError, build_data, to_device
+from nanotrain.data import evaluation_batches, fit_vocabulary, to_device
+from nanotrain.data_sources import TokensSource
+from nanotrain.dataset_format import DataError
 from nanotrain.distributed import all_reduce_sum
 from nanotrain.errors import NanotrainError
 from nanotrain.loss import count_valid_tokens
 from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
-
-ALL_BATCHES = 10**9  # "as many eval steps as the split holds"; build_data caps it at the split's size
 
 
 class EvaluationError(NanotrainError):
@@ -43,10 +45,12 @@ class EvalResult:
 
 
 @torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches, precision: Precision, dims: ParallelDims) -> tuple[float, int]:
+def mean_loss(model: torch.nn.Module, batches, precision: Precision, dims: ParallelDims, *,
+              fused_loss: bool) -> tuple[float, int]:
     """Mean next-token loss over this rank's `batches`, reduced over all ranks, and the valid tokens it covers.
 
-    The head and the loss run fused (no (B, T, V) logits); every rank must call this together.
+    `fused_loss` is the run's train.fused_loss (head and loss in row chunks, no (B, T, V) logits),
+    so evaluation computes the loss the way training does; every rank must call this together.
     """
     was_training = model.training
     model.eval()
@@ -55,9 +59,9 @@ def mean_loss(model: torch.nn.Module, batches, precision: Precision, dims: Paral
         batch = to_device(batch, dims.device)
         with precision.autocast():
             _, loss_sum = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                                loss_reduction="sum", fused_loss=True)
+                                loss_reduction="sum", fused_loss=fused_loss)
         totals += torch.stack([loss_sum.double(), count_valid_tokens(batch["labels"]).double()])
-    all_reduce_sum(totals)
+    all_reduce_sum(totals, dims.dp_group)
     model.train(was_training)
     return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
 
@@ -71,36 +75,31 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = "val", prec
     evaluates. train: the first `max_batches` batches of epoch 0 in training's shuffled order.
     `seq_len` 0 means the checkpoint's train.seq_len.
     """
-    from nanotrain.checkpoint import load_inference
+    from nanotrain.inference_checkpoint import load_inference
 
     if split not in ("val", "train"):
         raise EvaluationError(f"--split must be val or train, got '{split}'")
     if batch_size <= 0 or max_batches < 0 or seq_len < 0:
         raise EvaluationError("--batch_size must be positive and --max_batches, --seq_len >= 0")
     model, cfg, tokenizer = load_inference(checkpoint, device=device)
-    cfg.data.source, cfg.data.path, cfg.data.num_workers = "tokens", str(data_dir), 0
-    cfg.train.batch_size, cfg.train.grad_accum_steps = batch_size, 1
-    cfg.train.seq_len = seq_len or cfg.train.seq_len
-    cfg.train.eval_steps = max_batches if (split == "val" and max_batches) else ALL_BATCHES
+    seq_len = seq_len or cfg.train.seq_len
     try:
-        validate(cfg)
-        data = build_data(cfg)
+        validate(replace(cfg, train=replace(cfg.train, seq_len=seq_len, batch_size=batch_size)))
+        source = TokensSource(Path(data_dir))
+        fit_vocabulary(source, cfg.model.vocab_size)
+        data_tokenizer = source.tokenizer
     except (ConfigError, DataError) as e:
         raise EvaluationError(str(e)) from None
-    if tokenizer is not None and data.tokenizer.sha256 != tokenizer.sha256:
+    if tokenizer is not None and data_tokenizer.sha256 != tokenizer.sha256:
         raise EvaluationError(
             f"dataset '{data_dir}' was tokenized with a different tokenizer than checkpoint '{checkpoint}' "
             "(sha256 differs); prepare the data with --tokenizer CHECKPOINT/tokenizer.model"
         )
 
-    if split == "val":
-        batch_count, batches = data.num_val_batches, data.val_batches()
-    else:  # one pass over epoch 0 of the shuffled order (or its first max_batches batches)
-        per_epoch = data.train.order.num_samples // batch_size
-        batch_count = min(max_batches or per_epoch, per_epoch)
-        batches = (next(data.train) for _ in range(batch_count))
+    batch_count, batches = evaluation_batches(source, split, seq_len, batch_size, cfg.data.mode == "padded",
+                                              cfg.train.seed, max_batches)
     if not batch_count:
-        raise EvaluationError(f"the {split} split of '{data_dir}' holds no full sequence of {cfg.train.seq_len} "
+        raise EvaluationError(f"the {split} split of '{data_dir}' holds no full sequence of {seq_len} "
                               "tokens; lower --seq_len")
 
     dims = ParallelDims.single_process(device)
@@ -109,6 +108,6 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = "val", prec
     except ConfigError as e:
         raise EvaluationError(str(e)) from None
     start = time.perf_counter()
-    loss, tokens = mean_loss(model, batches, amp, dims)
+    loss, tokens = mean_loss(model, batches, amp, dims, fused_loss=cfg.train.fused_loss)
     seconds = time.perf_counter() - start
     return EvalResult(loss, math.exp(min(loss, 50.0)), tokens, batch_count, seconds)

@@ -8,39 +8,42 @@ in its own module and enters here through one named seam:
     distributed.process_group / parallelize / gradient_sync   processes, DDP, FSDP, no_sync
     precision.autocast / precision.scaler            bf16 and fp16
     build_data(...).train                            batches in a world-size-independent order
+    train_step(...)                                  one optimizer step: accumulate, clip, judge, update
     next_token_loss                                  summed loss + valid-token count
     model(..., loss_reduction="sum", fused_loss=)    the same sum; fused: head + loss, no logits tensor
     speed.waiting_for_data / speed.report            tokens/s, MFU, peak memory, data vs compute
+    run_log.log_step / log_eval / log_samples        console line and metrics.jsonl (sinks, rank 0)
     guard.check / update_skipped                     divergence: non-finite or spiking loss, skips in a row
     checkpointer.restore / maybe_save                exact resume, periodic and preemption saves
+    preemption.requested                             SIGTERM/SIGINT on any rank: save and stop
 """
 
 from __future__ import annotations
 
-import math
-import random
+import functools
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from nanotrain import distributed, run_directory
 from nanotrain.checkpoint import Checkpointer, load_pretrained
 from nanotrain.config import Config
-from nanotrain.data import build_data, to_device
-from nanotrain.distributed import all_reduce_sum
+from nanotrain.data import build_data
 from nanotrain.divergence import DivergenceGuard
 from nanotrain.evaluation import mean_loss
-from nanotrain.sampling import sample_completions
-from nanotrain.loss import count_valid_tokens
-from nanotrain.metrics import MetricsLog, SpeedMeter, format_step
+from nanotrain.metrics import SpeedMeter
 from nanotrain.model import build_model, parameter_report
 from nanotrain.optim import build_optimizer, lr_at, set_lr
 from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
+from nanotrain.preemption import Preemption
+from nanotrain.run_log import RunLog
+from nanotrain.sampling import sample_completions
+from nanotrain.train_state import TrainState, seed_everything
+from nanotrain.train_step import train_step
 
 
 @dataclass
@@ -50,12 +53,6 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, at log steps
     val_losses: dict[int, float] = field(default_factory=dict)  # step -> val loss
     model: torch.nn.Module | None = None  # the plain (unwrapped) model
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train(cfg: Config) -> TrainResult:
@@ -86,7 +83,7 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
         load_pretrained(model, cfg.model, t.init_from)
     log(parameter_report(model))
     precision = Precision(t.precision, dims.device, dims.strategy)
-    model = distributed.parallelize(model, cfg, dims, precision.fsdp_param_dtype)
+    model = distributed.parallelize(model, cfg, dims, precision)
     optimizer = build_optimizer(model, cfg.optim, t.lr)
 
     tokens_per_step = t.grad_accum_steps * dims.dp_size * t.batch_size * t.seq_len
@@ -98,16 +95,18 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
     speed = SpeedMeter.for_run(cfg, dims.device, dims.world_size, tokens_per_step)  # tokens/s, MFU, memory
     log(speed.describe())
 
-    checkpointer = Checkpointer(cfg, dims, data, model, optimizer, precision.scaler)
-    cleanup.callback(checkpointer.close)  # hand SIGTERM/SIGINT back however the run ends
+    train_state = TrainState()  # step, tokens seen, skipped steps: what trainer_state.json records
+    checkpointer = Checkpointer(cfg, dims, data, model, optimizer, precision.scaler, train_state)
+    preemption = Preemption(cfg.checkpoint.on_preempt, dims)  # SIGTERM/SIGINT: save and stop after the step
+    cleanup.callback(preemption.close)  # hand SIGTERM/SIGINT back however the run ends
     step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
     if dims.is_main:  # only now that the run goes ahead: a refused resume leaves the run's config alone
         run_directory.write_config(run_dir, cfg)
     if step >= t.max_steps:
         log(f"nothing to train: the run is already at step {step} of train.max_steps={t.max_steps}; "
             "raise --train.max_steps to continue it, or pass a new --train.out_dir to start afresh")
-    metrics = MetricsLog(run_dir / "metrics.jsonl" if dims.is_main else None, append=step > 0)
-    cleanup.callback(metrics.close)
+    run_log = RunLog.for_run(cfg, dims, resumed_step=step)  # console and metrics.jsonl on rank 0
+    cleanup.callback(run_log.close)
     result = TrainResult()
     train_start = last_log_time = time.perf_counter()
     last_log_step = step
@@ -122,49 +121,21 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
         # step on all ranks, which must be known before the first backward.
         with speed.waiting_for_data():
             micro_batches = [next(data.train) for _ in range(t.grad_accum_steps)]
-        valid_tokens = sum(count_valid_tokens(b["labels"]) for b in micro_batches)
-        global_valid_tokens = all_reduce_sum(valid_tokens.to(dims.device, torch.float32)).clamp(min=1)
-
-        step_loss_sum = torch.zeros((), device=dims.device)
-        for micro_step, batch in enumerate(micro_batches):
-            batch = to_device(batch, dims.device)
-            is_last = micro_step == t.grad_accum_steps - 1
-            with distributed.gradient_sync(model, enabled=is_last):
-                with precision.autocast():
-                    _, loss_sum = model(  # fused_loss: head + loss in chunks, no (B, T, V) logits
-                        batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
-                        loss_reduction="sum", fused_loss=t.fused_loss,
-                    )
-                # DDP and FSDP average gradients over dp ranks; scaling by dp_size turns that mean
-                # back into a sum, so the step's gradient is that of (all losses) / (all valid tokens).
-                loss = loss_sum * (dims.dp_size / global_valid_tokens)
-                precision.scaler.scale(loss).backward()
-            step_loss_sum += loss_sum.detach()
-
-        precision.scaler.unscale_(optimizer)
-        grad_norm = distributed.clip_grad_norm(model, cfg.optim.grad_clip)
-        # One scalar host sync per step: the update is applied only if loss and gradient look
-        # healthy (divergence.py). fp16's GradScaler judges the gradient itself: an overflow
-        # there calls for a lower loss scale, not for the skip policy.
-        step_loss, norm = torch.stack([all_reduce_sum(step_loss_sum) / global_valid_tokens, grad_norm]).tolist()
-        problem = guard.check(step + 1, step_loss, 0.0 if precision.scaler.is_enabled() else norm)
-        if problem:
-            log(f"step {step + 1}: {problem}, update skipped")
-            checkpointer.skipped_steps += 1
-            precision.scaler.update()  # fp16: ends this step's unscale_ (and lowers the scale on overflow)
-            guard.update_skipped(step + 1, problem)
+        # The guard judges the step before its update (and stops the run under on_nonfinite=stop).
+        outcome = train_step(model, optimizer, micro_batches, dims, precision, grad_clip=cfg.optim.grad_clip,
+                             fused_loss=t.fused_loss, judge=functools.partial(guard.check, step + 1))
+        step_loss, norm = outcome.loss, outcome.grad_norm
+        if outcome.rejected:
+            log(f"step {step + 1}: {outcome.rejected}, update skipped")
+            train_state.skipped_steps += 1
+            guard.update_skipped(step + 1, outcome.rejected)
+        elif outcome.loss_scale_drop:
+            log(f"step {step + 1}: fp16 gradients overflowed, update skipped "
+                f"(loss scale {outcome.loss_scale_drop[0]:g} -> {outcome.loss_scale_drop[1]:g})")
+            guard.update_skipped(step + 1, "fp16 gradient overflow")
         else:
-            scale_before = precision.scaler.get_scale() if precision.scaler.is_enabled() else None
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            if scale_before is not None and precision.scaler.get_scale() < scale_before:
-                log(f"step {step + 1}: fp16 gradients overflowed, update skipped "
-                    f"(loss scale {scale_before:g} -> {precision.scaler.get_scale():g})")
-                guard.update_skipped(step + 1, "fp16 gradient overflow")
-            else:
-                guard.update_applied()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
+            guard.update_applied()
+        step = train_state.advance(tokens_per_step)
 
         if step % t.log_every == 0 or step == t.max_steps:
             now = time.perf_counter()
@@ -179,30 +150,30 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
                 "elapsed_s": now - train_start,
                 "eta_s": (t.max_steps - step) * step_time,
             }
-            metrics.write(record)
-            log(format_step(record, t.max_steps))
+            run_log.log_step(record)
             result.losses[step] = step_loss
             last_log_time, last_log_step = now, step
 
         evaluation_due = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
         if evaluation_due and data.num_val_batches:
-            val_loss, _ = mean_loss(model, data.val_batches(), precision, dims)
-            metrics.write({"step": step, "val_loss": val_loss})
-            log(f"step {step:>6}/{t.max_steps} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
+            val_loss, _ = mean_loss(model, data.val_batches(), precision, dims, fused_loss=t.fused_loss)
+            run_log.log_eval({"step": step, "val_loss": val_loss})
             result.val_losses[step] = val_loss
             # every rank runs the sampling forwards (FSDP shards the weights); rank 0 reports
             samples = sample_completions(distributed.unwrap(model), data.tokenizer, t, precision)
             if samples:
-                metrics.write({"step": step, "samples": samples})
-                log("\n".join(f"sample: {text!r}" for text in samples))
+                run_log.log_samples(step, samples)
             last_log_time = time.perf_counter()  # keep evaluation out of the throughput figure
 
         # Never a periodic or preemption save of weights whose newest check failed: during a run of
         # skipped steps it would replace the healthy checkpoints (the final step still saves).
         if guard.healthy or step == t.max_steps:
-            checkpointer.maybe_save(step)  # every checkpoint.interval steps, at the last step, on SIGTERM/SIGINT
-        if checkpointer.preempted:
-            break
+            preempted = preemption.requested()  # the same answer on every rank
+            checkpointer.maybe_save(force=preempted)  # every checkpoint.interval steps, at the last step
+            if preempted:
+                log(f"preemption signal received: saved checkpoint at step {step} in {checkpointer.root}; "
+                    "exiting cleanly (rerun the same command to resume)")
+                break
 
     result.model = distributed.unwrap(model)
     return result

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from nanotrain import bench
 from nanotrain.bench import main
 
 TINY_MODEL = """
@@ -35,6 +36,19 @@ def test_llama_against_hugging_face(tmp_path, capsys):
     assert losses and abs(float(losses[1]) - float(losses[2])) < 1e-3, out  # same weights, same work
     assert re.search(r"nanotrain: +[\d,]+ tok/s \(median of 2\) \| MFU [\d.]+%", out), out
     assert re.search(r"nanotrain / HF LlamaForCausalLM: [\d.]+x", out), out
+
+
+def test_nanotrain_side_times_the_training_loops_train_step(tmp_path, capsys, monkeypatch):
+    real, outcomes = bench.train_step, []
+
+    def recording_train_step(*args, **kwargs):
+        outcomes.append(real(*args, **kwargs))
+        return outcomes[-1]
+
+    monkeypatch.setattr(bench, "train_step", recording_train_step)
+    out = run_bench(tmp_path, capsys, "gpt", 0)
+    assert len(outcomes) == 3 and all(o.applied and o.valid_tokens == 2 * 31 for o in outcomes)  # 1 step x 3 rounds
+    assert f"first-step loss: nanotrain {outcomes[0].loss:.4f} |" in out, out
 
 
 def test_gpt_against_reference_gpt_in_bf16(tmp_path, capsys):

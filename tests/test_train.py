@@ -15,7 +15,7 @@ from nanotrain.config import TrainConfig, load_config
 from nanotrain.data import unigram_entropy
 from nanotrain.divergence import DivergenceError, DivergenceGuard
 from nanotrain.model import build_model
-from nanotrain.prepare import prepare_stories
+from nanotrain.stories import prepare_stories
 from nanotrain.trainer import train
 
 TINY = [
