@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import nanotrain.train
 import nanotrain.trainer
@@ -29,23 +28,18 @@ from nanotrain.model import build_model
 INJECTED_ERROR = "injected failure on rank 1 at micro-batch 3"
 
 
-def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter whole, with clean names, on rank 0 (a collective under FSDP)."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {name: tensor.clone() for name, tensor in get_model_state_dict(model, options=options).items()}
-
-
 def run_layouts(spec_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo")  # held across runs: train() leaves a caller's group alone
     for run in json.loads(Path(spec_file).read_text()):
         cfg = load_config(None, run["overrides"])
+        dims = distributed.init(cfg)
         if run["name"].startswith("init-"):
-            env = distributed.init(cfg)
-            model = distributed.parallelize(build_model(cfg.model, seed=cfg.train.seed), cfg, env)
-            record = {"state": full_state(model)}
+            model = distributed.parallelize(build_model(cfg.model, seed=cfg.train.seed), cfg, dims)
+            record = {"state": distributed.full_state_dict(model, dims)}
         else:
             result = nanotrain.trainer.train(cfg)
-            record = {"losses": result.losses, "val_losses": result.val_losses, "state": full_state(result.model)}
+            record = {"losses": result.losses, "val_losses": result.val_losses,
+                      "state": distributed.full_state_dict(result.model, dims)}
         if dist.get_rank() == 0:
             torch.save(record, Path(out_dir) / f"{run['name']}.pt")
     dist.destroy_process_group()
