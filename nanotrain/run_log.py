@@ -5,8 +5,8 @@ and `log_samples(step, samples)` after every sampling; `RunLog` hands each call 
 Two sinks exist: `ConsoleSink` (the log line on stdout) and `JsonlSink` (`metrics.jsonl` in the
 run directory). Only the main process has sinks, so every rank may call the run log.
 
-To add a sink (TensorBoard, W&B, ...): subclass `Sink`, implement the events it cares about,
-and append it in `choose_sinks`, under the config key that turns it on.
+The dashboards (TensorBoard, W&B) are sinks too, in dashboards.py. To add a sink: subclass
+`Sink`, implement the events it cares about, and append it in `choose_sinks`, under the config key that turns it on.
 
 This module is also the one place that knows metrics.jsonl's name and format: `trim_metrics`
 rewinds it on resume, `read_metrics` reads it back (`python -m nanotrain.plot`).
@@ -146,9 +146,12 @@ class JsonlSink(Sink):
 
 def choose_sinks(cfg: Config, resumed_step: int) -> list[Sink]:
     """The sinks a run writes to, in order; a new sink is one more line here."""
+    from nanotrain.dashboards import dashboard_sinks  # dashboards.py subclasses Sink from this module
+
     return [
         JsonlSink(Path(cfg.train.out_dir), resumed_step),  # first: a printed line is already on disk
         ConsoleSink(cfg.train.max_steps),
+        *dashboard_sinks(cfg, resumed_step),  # TensorBoard, W&B: as the [log] section says
     ]
 
 
