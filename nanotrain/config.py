@@ -147,6 +147,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    """Dashboards the run log writes to besides the console and metrics.jsonl (dashboards.py)."""
+
+    tensorboard: bool = False  # event files in <train.out_dir>/tensorboard; needs nanotrain[tensorboard]
+    wandb_project: str = ""  # Weights & Biases project; empty = off; needs nanotrain[wandb]
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -154,6 +162,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -163,12 +172,13 @@ class Config:
         lines = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines += [f"{key} = {toml_value(value)}" for key, value in values.items()]
             lines.append("")
         return "\n".join(lines)
 
 
-def _toml_value(value) -> str:
+def toml_value(value) -> str:
+    """A config value written as TOML (config.toml, --help-config, the train command's --help)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -447,6 +457,6 @@ def describe_keys() -> str:
     def line(key: str) -> str:
         section, name = key.split(".")
         allowed = f"  (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
-        return f"  --{key}={_toml_value(defaults[section][name])}{allowed}"
+        return f"  --{key}={toml_value(defaults[section][name])}{allowed}"
     return "\n".join(line(key) for key in all_keys())
 

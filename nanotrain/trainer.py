@@ -28,19 +28,20 @@ from pathlib import Path
 
 import torch
 
-from nanotrain import distributed, run_directory
+from nanotrain import dashboards, distributed, run_directory
 from nanotrain.checkpoint import Checkpointer, load_pretrained
 from nanotrain.config import Config
 from nanotrain.data import build_data
 from nanotrain.divergence import DivergenceGuard
 from nanotrain.evaluation import mean_loss
 from nanotrain.metrics import SpeedMeter
-from nanotrain.model import build_model, parameter_report
+from nanotrain.model import build_model
 from nanotrain.optim import build_optimizer, lr_at, set_lr
 from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
 from nanotrain.preemption import Preemption
 from nanotrain.run_log import RunLog
+from nanotrain.run_summary import run_summary
 from nanotrain.sampling import sample_completions
 from nanotrain.train_state import TrainState, seed_everything
 from nanotrain.train_step import train_step
@@ -70,10 +71,11 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
     if dims.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32
+    # Every rank, before anything is written: a dashboard turned on but not installed stops all ranks at once.
+    dashboards.check_installed(cfg)
     run_dir = Path(t.out_dir)
     if dims.is_main:  # before anything is written: lock the run's directories, refuse to start over a run
         run_directory.claim(cfg, cleanup, log)
-    log(cfg.to_toml())
 
     data = build_data(cfg, dims.dp_rank, dims.dp_size)
     for note in data.notes:
@@ -81,13 +83,12 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
     model = build_model(cfg.model, seed=t.seed)
     if t.init_from:  # start from trained or imported weights (a resumed checkpoint still wins)
         load_pretrained(model, cfg.model, t.init_from)
-    log(parameter_report(model))
     precision = Precision(t.precision, dims.device, dims.strategy)
+    log(run_summary(cfg, dims, model, data, precision))  # the full config is config.toml, not the console
     model = distributed.parallelize(model, cfg, dims, precision)
     optimizer = build_optimizer(model, cfg.optim, t.lr)
 
     tokens_per_step = t.grad_accum_steps * dims.dp_size * t.batch_size * t.seq_len
-    log(f"device {dims.device} | strategy {dims.strategy} | world size {dims.world_size} | precision {precision.describe()}")
     log(
         f"tokens per optimizer step = {t.grad_accum_steps} accum x {dims.dp_size} processes "
         f"x {t.batch_size} batch x {t.seq_len} seq = {tokens_per_step:,}"
