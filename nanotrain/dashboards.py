@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nanotrain.config import Config
 from nanotrain.errors import NanotrainError
-from nanotrain.files import fsync
+from nanotrain.files import replace_file
 from nanotrain.run_log import Sink
 
 TENSORBOARD_DIR = "tensorboard"
@@ -102,10 +102,7 @@ class WandbSink(Sink):
             run_id = id_file.read_text().strip()
         else:
             run_id = secrets.token_hex(6)  # W&B ids: up to 64 of [a-z0-9_-]
-            tmp = id_file.with_name(id_file.name + ".tmp")
-            tmp.write_text(run_id + "\n")
-            fsync(tmp)
-            os.replace(tmp, id_file)
+            replace_file(id_file, run_id + "\n")
         configured = os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")
         (run_dir / "wandb").mkdir(exist_ok=True)
         self.wandb = wandb

@@ -51,6 +51,22 @@ def fsync(path: str | Path) -> None:
 _LEFTOVER = re.compile(r"(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)")
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: a reader (or a crash) sees the old file or the new one, never a part.
+
+    Written to `<path>.tmp` beside it, synced, renamed over `path`, and the rename synced.
+    """
+    temp = path.with_name(path.name + ".tmp")
+    try:
+        temp.write_text(text)
+        fsync(temp)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync(path.parent)
+
+
 def temp_directory(target: Path, tag: int | str | None = None, hidden: bool = False) -> Path:
     """Where `target` is built: `<target>.tmp-<tag>` beside it (tag: this process id), dot-prefixed if `hidden`.
 

@@ -32,7 +32,7 @@ from nanotrain.checkpoint_files import checkpoint_root, list_checkpoints
 from nanotrain.config import Config
 from nanotrain.distributed import restart_attempt
 from nanotrain.errors import NanotrainError
-from nanotrain.files import fsync
+from nanotrain.files import replace_file
 from nanotrain.run_log import METRICS_FILE
 
 LOCK = ".lock"
@@ -128,14 +128,9 @@ def refuse_to_start_over(run_dir: Path, checkpoints: Path) -> None:
 def write_config(run_dir: Path, cfg: Config) -> None:
     """Save the resolved config as `<run_dir>/config.toml`, atomically: a reader sees the old file or the new one."""
     path = run_dir / CONFIG
-    temp = path.with_name(f".{CONFIG}.tmp")  # one name: the run's lock makes this job its only writer
     try:
-        temp.write_text(cfg.to_toml())
-        fsync(temp)
-        os.replace(temp, path)
-        fsync(run_dir)
+        replace_file(path, cfg.to_toml())  # one temporary name: the run's lock makes this job the only writer
     except OSError as e:
-        temp.unlink(missing_ok=True)
         raise RunDirectoryError(f"cannot write '{path}' ({e.strerror}); free space or fix permissions") from None
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanotrain.config import Config
 from nanotrain.errors import NanotrainError
-from nanotrain.files import fsync
+from nanotrain.files import replace_file
 from nanotrain.parallel_dims import ParallelDims
 
 METRICS_FILE = "metrics.jsonl"
@@ -108,10 +107,7 @@ def trim_metrics(file: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut short by the crash
             continue
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    fsync(tmp)
-    os.replace(tmp, file)
+    replace_file(file, "".join(f"{line}\n" for line in kept))
 
 
 class JsonlSink(Sink):
