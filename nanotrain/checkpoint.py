@@ -196,6 +196,7 @@ class Checkpointer:
                              {"rng": self.random.state_dict(), "loader": self.loader.state_dict()})
             if multi:
                 dist.barrier()
+                self._decided_on_rank0(lambda: self._require_every_rank_file(tmp), "found rank files missing")
             if dims.is_main:
                 write_weights(tmp / WEIGHTS, full_weights, self.cfg)
                 write_text(tmp / CONFIG, self.cfg.to_toml())
@@ -223,12 +224,23 @@ class Checkpointer:
         self.last_saved_step = step
         return final
 
+    def _require_every_rank_file(self, tmp: Path) -> None:
+        """Every rank wrote into one directory; on nodes with a disk each, rank 0 sees only its own node's files."""
+        missing = [r for r in range(self.dims.world_size) if not (tmp / f"rank_{r:05d}.pt").is_file()]
+        if missing:
+            raise CheckpointError(
+                f"saving {tmp.name}: the files of rank(s) {', '.join(map(str, missing))} are not in {tmp.parent}, "
+                "so that directory is not shared by every node; put train.out_dir (or checkpoint.dir) on a "
+                "file system all nodes mount at the same path"
+            )
+
     def _trainer_state(self) -> dict:
         return {
             "format_version": FORMAT_VERSION,
             **self.train_state.state_dict(),  # step, tokens_seen, skipped_steps
             "world_size": self.layout.dp_size,
             "strategy": self.dims.strategy,
+            "tp": self.dims.tp_size,
             "global_batch": self.layout.global_batch,
             "scaler": self.scaler.state_dict(),
             "loader": self.loader.state_dict(),
@@ -255,16 +267,18 @@ class Checkpointer:
             with _malformed(path, f"{TRAINER_STATE}'s scaler"):
                 self.scaler.load_state_dict(state["scaler"])
         own_file = path / f"rank_{self.dims.rank:05d}.pt"
-        if state["world_size"] == self.layout.dp_size and own_file.is_file():
+        same_layout = state["world_size"] == self.layout.dp_size and state.get("tp", 1) == self.dims.tp_size
+        if same_layout and own_file.is_file():
             rank_state = torch_load(own_file)
             with _malformed(path, own_file.name):
                 self.random.load_state_dict(rank_state["rng"])
                 self.loader.load_state_dict(rank_state["loader"])
         else:
             self.loader.load_state_dict(state["loader"])  # positions are global: any layout can take them
-            RandomState.reseed(self.cfg.train.seed, state["step"], self.dims.rank)
-            self.log(f"resume: checkpoint saved by {state['world_size']} process(es), now {self.layout.dp_size}: "
-                     "per-rank RNG streams re-seeded from train.seed, step and rank (only dropout is affected)")
+            RandomState.reseed(self.cfg.train.seed, state["step"], self.dims.dp_rank)
+            self.log(f"resume: checkpoint saved by {state['world_size']} data-parallel x {state.get('tp', 1)} "
+                     f"tensor-parallel process(es), now {self.layout.dp_size} x {self.dims.tp_size}: per-rank RNG "
+                     "streams re-seeded from train.seed, step and data-parallel rank (only dropout is affected)")
         self.train_state.load_state_dict(state)
         self.last_saved_step = state["step"]
         self.log(f"resumed from {path} at step {state['step']} ({state['tokens_seen']:,} tokens seen, "

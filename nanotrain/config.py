@@ -130,7 +130,8 @@ class TrainConfig:
 class ParallelConfig:
     """How the model is spread across processes."""
 
-    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # auto = ddp when world > 1
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # over the dp axis; auto = ddp when dp > 1
+    tp: int = 1  # tensor-parallel degree: processes that split each layer (dp = world // tp)
     reshard_after_forward: bool = True  # FSDP: free gathered params after forward
     timeout_s: int = 300  # collective timeout: a stuck rank fails the job, never hangs it
 
@@ -378,6 +379,16 @@ def _require_finite(cfg: Config) -> None:
                 raise ConfigError(f"{key} must be a finite number, got {value}{hint}")
 
 
+def _require_tensor_parallel_split(m: ModelConfig, tp: int) -> None:
+    """Tensor parallelism gives each of `tp` processes whole heads and an equal slice of the MLP."""
+    if tp == 1:
+        return
+    for key, value in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("d_ff", m.d_ff)):
+        if value % tp:
+            raise ConfigError(f"model.{key} = {value} cannot be split over parallel.tp = {tp} processes; "
+                              f"use a parallel.tp that divides it (or a model.{key} divisible by {tp})")
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError for the first inconsistency found, before any work starts."""
     for key, choices in CHOICES.items():
@@ -395,7 +406,7 @@ def validate(cfg: Config) -> None:
         "train.seq_len": t.seq_len, "train.grad_accum_steps": t.grad_accum_steps, "train.lr": t.lr,
         "train.log_every": t.log_every, "train.eval_steps": t.eval_steps,
         "checkpoint.keep_last": cfg.checkpoint.keep_last, "parallel.timeout_s": cfg.parallel.timeout_s,
-        "model.norm_eps": m.norm_eps, "model.init_std": m.init_std,
+        "parallel.tp": cfg.parallel.tp, "model.norm_eps": m.norm_eps, "model.init_std": m.init_std,
         "train.max_consecutive_skips": t.max_consecutive_skips,
     }
     if m.features.positions == "rope":
@@ -413,6 +424,7 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    _require_tensor_parallel_split(m, cfg.parallel.tp)
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if t.loss_spike_ratio and not t.loss_spike_ratio > 1:

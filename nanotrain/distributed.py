@@ -1,9 +1,10 @@
-"""Process group set-up and `parallelize`: the only place that knows about DDP and FSDP.
+"""Process group set-up and `parallelize`: the only place that knows about DDP, FSDP and tensor parallelism.
 
 Like torchtitan's parallelize step, the model arrives here plain (model.py knows nothing of
-distribution) and leaves wrapped, in this order: activation checkpointing, compile, then
-data parallelism over the mesh's dp axis (DDP, or FSDP2's `fully_shard` per block and at the
-root, with the mixed precision policy precision.py produces). What the rest of the code needs
+distribution) and leaves wrapped, in this order: tensor parallelism over the mesh's tp axis
+(tensor_parallel.py), activation checkpointing, compile, then data parallelism over the mesh's
+dp axis (DDP, or FSDP2's `fully_shard` per block and at the root, with the mixed precision
+policy precision.py produces). What the rest of the code needs
 from a wrapped model goes through small named functions here: `unwrap`, `gradient_sync`,
 `clip_grad_norm`, `full_state_dict`; and sums over ranks through `all_reduce_sum`.
 """
@@ -49,14 +50,14 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_strategy(strategy: str, world_size: int) -> str:
-    """parallel.strategy made concrete: "auto" is ddp for several processes, none for one."""
+def resolve_strategy(strategy: str, dp_size: int) -> str:
+    """parallel.strategy made concrete for `dp_size` data-parallel ranks: "auto" is ddp for several, none for one."""
     if strategy == "auto":
-        return "ddp" if world_size > 1 else "none"
-    if strategy == "none" and world_size > 1:
+        return "ddp" if dp_size > 1 else "none"
+    if strategy == "none" and dp_size > 1:
         raise ConfigError(
-            f"parallel.strategy = 'none' with {world_size} processes would train {world_size} "
-            "separate copies; use ddp or fsdp, or launch one process"
+            f"parallel.strategy = 'none' with {dp_size} data-parallel ranks would train {dp_size} "
+            "separate copies; use ddp or fsdp, or launch world = parallel.tp processes"
         )
     return strategy
 
@@ -120,13 +121,18 @@ def init(cfg: Config) -> ParallelDims:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    strategy = resolve_strategy(cfg.parallel.strategy, world_size)
-    if strategy != "none" and not launched_by_torchrun():
+    tp = cfg.parallel.tp
+    if tp > 1 and not launched_by_torchrun():
+        raise ConfigError(f"parallel.tp = {tp} needs {tp} processes: launch with "
+                          f"torchrun --nproc_per_node={tp} -m nanotrain.train")
+    device = pick_device(cfg.train.device, local_rank)
+    dims = ParallelDims(rank, local_rank, world_size, device, cfg.parallel.strategy, tp=tp)  # checks dp x tp
+    dims.strategy = resolve_strategy(dims.strategy, dims.dp_size)
+    if dims.strategy != "none" and not launched_by_torchrun():
         raise ConfigError(
-            f"parallel.strategy = '{strategy}' needs a process group: launch with "
+            f"parallel.strategy = '{dims.strategy}' needs a process group: launch with "
             "torchrun --nproc_per_node=N -m nanotrain.train"
         )
-    device = pick_device(cfg.train.device, local_rank)
     terminate_with_launcher()
     if launched_by_torchrun() and not dist.is_initialized():
         if device.type == "cuda":
@@ -141,7 +147,6 @@ def init(cfg: Config) -> ParallelDims:
             # binds the NCCL communicator to this rank's GPU now, not at the first collective
             device_id=device if device.type == "cuda" else None,
         )
-    dims = ParallelDims(rank, local_rank, world_size, device, strategy)
     if launched_by_torchrun() and dist.is_initialized():
         dims.build_mesh()
     return dims
@@ -188,13 +193,17 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> tor
 
 
 def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, precision: Precision | None = None) -> nn.Module:
-    """Apply activation checkpointing, compile and data parallelism to a plain model.
+    """Apply tensor parallelism, activation checkpointing, compile and data parallelism to a plain model.
 
     Under FSDP `precision`'s `fsdp_policy()` decides the dtype of the gathered parameters
     (bf16/fp16 compute, fp32 gradient reduction); without one they stay fp32. The other
     strategies get their low precision from autocast instead.
     """
     model.to(dims.device)
+    if dims.tp_size > 1:  # first: the plan names the blocks' own sub-modules, before any wrapper
+        from nanotrain.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, dims.tp_mesh)
     if cfg.model.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -205,6 +214,8 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, precision: Pr
         for block in model.blocks:
             block.compile()  # in place: parameter names gain no "_orig_mod." prefix
 
+    if dims.strategy == "ddp" and dims.tp_size > 1:
+        return model  # DDP cannot hold DTensor parameters: gradient_sync averages the gradients itself
     if dims.strategy == "ddp":
         device_ids = [dims.device.index] if dims.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, process_group=dims.dp_group)
@@ -227,14 +238,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def gradient_sync(model: nn.Module, enabled: bool):
+def gradient_sync(model: nn.Module, dims: ParallelDims, enabled: bool):
     """Skip the gradient all-reduce on accumulation micro-steps that are not the last.
 
-    DDP's `no_sync` must cover forward and backward; FSDP2 uses `set_requires_gradient_sync`.
+    DDP's `no_sync` must cover forward and backward; FSDP2 uses `set_requires_gradient_sync`;
+    a tensor-parallel model under ddp averages its gradients over dp after the last backward.
     """
     if hasattr(model, "set_requires_gradient_sync"):  # FSDP2 module
         model.set_requires_gradient_sync(enabled)
         yield
+    elif dims.strategy == "ddp" and dims.tp_size > 1:
+        from nanotrain.tensor_parallel import all_reduce_gradients
+
+        yield
+        if enabled:
+            all_reduce_gradients(model, dims.dp_group)
     else:
         with nullcontext() if enabled or not isinstance(model, DistributedDataParallel) else model.no_sync():
             yield
@@ -253,11 +271,11 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 def full_state_dict(model: nn.Module, dims: ParallelDims) -> dict[str, torch.Tensor]:
     """The model's whole weights on the CPU, clean names, on the main rank; {} on the others.
 
-    Every rank must call it together: under FSDP it gathers the shards (onto rank 0 only).
+    Every rank must call it together: under FSDP and tensor parallelism it gathers the shards (onto rank 0 only).
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if dims.strategy == "fsdp":
+    if dims.strategy == "fsdp" or dims.tp_size > 1:  # DTensors: gathered whole onto rank 0
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not dims.is_main:
         return {}

@@ -102,6 +102,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad_hidden * scale).to(grad_hidden.dtype), (grad_weight * scale).to(grad_weight.dtype), None, None, None
 
 
+def head_compute_dtype(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's when it is on, else the wider of the two inputs'."""
+    if torch.is_autocast_enabled(hidden.device.type):
+        return torch.get_autocast_dtype(hidden.device.type)
+    return torch.promote_types(hidden.dtype, head_weight.dtype)
+
+
 def fused_next_token_loss(
     hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor, chunk_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,10 +122,7 @@ def fused_next_token_loss(
     """
     chunk_rows = chunk_rows or max(1, FUSED_CHUNK_ELEMENTS // head_weight.size(0))
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    else:
-        compute_dtype = torch.promote_types(hidden.dtype, head_weight.dtype)
+    compute_dtype = head_compute_dtype(hidden, head_weight)
     rows = hidden[:, :-1].reshape(-1, hidden.size(-1)).to(compute_dtype)  # (B*(T-1), C)
     targets = labels[:, 1:].reshape(-1)  # (B*(T-1),)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or head_weight.requires_grad)

@@ -71,17 +71,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of past tokens, preallocated as (B, n_kv_heads, max_len, head_dim) per layer."""
+    """Keys and values of past tokens, (B, heads, max_len, head_dim) per layer, allocated at its first write.
+
+    The heads are those the layer's keys arrive with: n_kv_heads, or this process's share of
+    them when the attention is split over processes (tensor parallelism).
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=None):
-        shape = (batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.max_len = max_len
+        self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.batch_size, self.max_len, self.device, self.dtype = batch_size, max_len, device, dtype
         self.length = 0  # tokens written so far; the model advances it after each forward
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, n_kv, T, hd) after the cached tokens; return all of them (B, n_kv, S, hd)."""
+        if self.keys[layer] is None:
+            shape = (self.batch_size, k.size(1), self.max_len, k.size(3))
+            self.keys[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            self.values[layer] = torch.zeros(shape, device=self.device, dtype=self.dtype)
         end = self.length + k.size(2)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
@@ -102,9 +109,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, kv_cache):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        # Heads counted from the projections' width (-1), not from the config: under tensor
+        # parallelism each process computes only its share of them.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
@@ -164,6 +173,25 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
+class OutputHead(nn.Linear):
+    """The output projection, d_model -> vocabulary, and the next-token loss computed through it.
+
+    The loss goes through the head (`head.loss`), not after it, so a head whose weight is split
+    over processes (tensor_parallel.py's vocabulary-parallel head) can compute it without ever
+    holding every token's logits; the model's forward stays the same either way.
+    """
+
+    def loss(self, hidden: torch.Tensor, labels: torch.Tensor, fused: bool):
+        """(logits (B, T, V) or None, loss summed over valid tokens, valid tokens) for hidden (B, T, C).
+
+        `fused`: head and loss together in row chunks (loss.fused_next_token_loss); no logits.
+        """
+        if fused:  # the weight is read inside forward, where FSDP has unsharded it
+            return None, *fused_next_token_loss(hidden, self.weight, labels)
+        logits = self(hidden)  # (B, T, V)
+        return logits, *next_token_loss(logits, labels)
+
+
 def attention_mask_for(padding_mask, T: int, past: int, device) -> torch.Tensor:
     """Boolean (B|1, 1, T, past + T) mask, True where a query may attend: causal and not padding."""
     query = torch.arange(past, past + T, device=device)[:, None]  # (T, 1) index in the sequence
@@ -185,7 +213,7 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
 
@@ -261,11 +289,7 @@ class Transformer(nn.Module):
         hidden = self.norm(x)  # (B, T, C)
         if labels is None:
             return self.lm_head(hidden), None  # (B, T, V)
-        if fused_loss:  # the weight is read inside forward, where FSDP has unsharded it
-            logits, (loss_sum, valid_tokens) = None, fused_next_token_loss(hidden, self.lm_head.weight, labels)
-        else:
-            logits = self.lm_head(hidden)  # (B, T, V)
-            loss_sum, valid_tokens = next_token_loss(logits, labels)
+        logits, loss_sum, valid_tokens = self.lm_head.loss(hidden, labels, fused=fused_loss)
         return logits, loss_sum if loss_reduction == "sum" else loss_sum / valid_tokens.clamp(min=1)
 
 

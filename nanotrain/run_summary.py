@@ -28,7 +28,8 @@ def run_summary(cfg: Config, dims: ParallelDims, model, data: Data, precision: P
                   f"vocab {m.vocab_size:,}"),
         ("data", _describe_data(cfg, data)),
         ("layout", f"{dims.world_size} process{'es' if dims.world_size > 1 else ''} on {dims.device}, "
-                   f"strategy {dims.strategy}, data parallel {dims.dp_size}"),
+                   f"strategy {dims.strategy}, data parallel {dims.dp_size}"
+                   + (f", tensor parallel {dims.tp_size}" if dims.tp_size > 1 else "")),
         ("precision", precision.describe()),
         ("run dir", f"{run_dir} (metrics in {METRICS_FILE})"),
         ("config", f"{run_dir / CONFIG} (the full resolved config; --print-config prints it without training)"),

@@ -66,7 +66,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_b
     for micro_step, batch in enumerate(micro_batches):
         batch = to_device(batch, dims.device)
         is_last = micro_step == len(micro_batches) - 1
-        with distributed.gradient_sync(model, enabled=is_last):
+        with distributed.gradient_sync(model, dims, enabled=is_last):
             with precision.autocast():
                 _, loss_sum = model(  # fused_loss: head + loss in chunks, no (B, T, V) logits
                     batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],

@@ -5,7 +5,7 @@ The loop reads top to bottom, nanoGPT style: set-up, then one optimizer step per
 (learning rate, micro-steps with accumulation, clip, step, log, evaluate). Each feature lives
 in its own module and enters here through one named seam:
 
-    distributed.process_group / parallelize / gradient_sync   processes, DDP, FSDP, no_sync
+    distributed.process_group / parallelize / gradient_sync   processes, DDP, FSDP, TP, no_sync
     precision.autocast / precision.scaler            bf16 and fp16
     build_data(...).train                            batches in a world-size-independent order
     train_step(...)                                  one optimizer step: accumulate, clip, judge, update
@@ -67,7 +67,9 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
     log = print if dims.is_main else (lambda *args, **kwargs: None)
 
     # ---- set-up ---------------------------------------------------------------------------
-    seed_everything(t.seed + dims.rank)  # dropout differs per rank; weights come from build_model's seed
+    # Dropout differs per data-parallel rank, and is the same on the tp ranks of one, whose activations
+    # are copies of each other; the weights come from build_model's seed.
+    seed_everything(t.seed + dims.dp_rank)
     if dims.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32

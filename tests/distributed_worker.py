@@ -5,6 +5,10 @@
         nanotrain.trainer.train() and has rank 0 save {losses, val_losses, state} to OUT_DIR/name.pt,
         state being the full (gathered, unwrapped) parameters. Runs whose name starts with "init-"
         save the parallelized model's parameters before any step instead of training.
+    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py tensor-parallel-checks OUT.json
+        Splits a tiny llama (vocabulary 67: an uneven split) over 2 tensor-parallel ranks and has
+        rank 0 write, as JSON, how far its loss, gradients and cached-generation logits are from
+        the same model's in one process, and the largest tensor the vocabulary-parallel loss made.
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py raise OVERRIDE ...
         The real entry point `nanotrain.train.main`, except that rank 1's third training
         micro-batch raises: the job must end promptly with that error shown.
@@ -45,6 +49,68 @@ def run_layouts(spec_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def tensor_parallel_checks(out_file: str) -> None:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nanotrain.tensor_parallel import VocabParallelHead
+
+    class VocabularyWideTensors(TorchDispatchMode):
+        """Counts the tensors operations produce with a dimension as long as the whole vocabulary (67)."""
+
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                self.count += isinstance(t, torch.Tensor) and 67 in t.shape
+            return out
+
+    dist.init_process_group("gloo")
+    cfg = load_config(None, ["--data.source=random", "--model.vocab_size=67", "--model.d_model=32", "--model.n_layers=2",
+                             "--model.n_heads=4", "--model.n_kv_heads=2", "--model.d_ff=64", "--train.device=cpu",
+                             "--parallel.tp=2", "--train.seq_len=16"])
+    dims = distributed.init(cfg)
+    plain = build_model(cfg.model, seed=0)
+    split = distributed.parallelize(build_model(cfg.model, seed=0), cfg, dims)
+    assert isinstance(split.lm_head, VocabParallelHead)
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 67, (4, 16), generator=generator)
+    labels = ids.clone()
+    labels[0, :5] = -100  # prompt-like positions that carry no loss
+    labels[3, 10:] = -100
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        _, loss_sum = model(ids, labels=labels, loss_reduction="sum")
+        loss_sum.backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
+        return loss_sum.detach(), grads
+
+    plain_loss, plain_grads = loss_and_grads(plain)
+    split_loss, split_grads = loss_and_grads(split)
+    probes = {}
+    for name, model in (("plain", plain), ("split", split)):
+        with torch.no_grad(), VocabularyWideTensors() as probes[name]:
+            model(ids, labels=labels, loss_reduction="sum")
+
+    with torch.no_grad():  # prefill 10 tokens, then 3 one-token steps, through the KV cache
+        caches = [m.new_kv_cache(4, 16) for m in (plain, split)]
+        steps = [ids[:, :10], ids[:, 10:11], ids[:, 11:12], ids[:, 12:13]]
+        generation = max((a - b).abs().max().item() for chunk in steps
+                         for a, b in [tuple(m(chunk, kv_cache=c)[0] for m, c in zip((plain, split), caches))])
+    record = {
+        "loss": abs(split_loss.item() - plain_loss.item()) / plain_loss.item(),
+        "grads": max(((split_grads[n] - g).abs().max() / g.abs().max()).item() for n, g in plain_grads.items()),
+        "vocabulary_wide_tensors": {name: probe.count for name, probe in probes.items()},
+        "generation_logits": generation,
+    }
+    if dist.get_rank() == 0:
+        Path(out_file).write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
 def raise_on_rank_1(overrides: list[str]) -> None:
     real_build_data = nanotrain.trainer.build_data
 
@@ -76,7 +142,9 @@ if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "layouts":
         run_layouts(*args)
+    elif mode == "tensor-parallel-checks":
+        tensor_parallel_checks(*args)
     elif mode == "raise":
         raise_on_rank_1(args)
     else:
-        raise SystemExit(f"unknown mode {mode!r}: use 'layouts' or 'raise'")
+        raise SystemExit(f"unknown mode {mode!r}: use 'layouts', 'tensor-parallel-checks' or 'raise'")

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanotrain import build_model, checkpoint, distributed, load_config
-from nanotrain.checkpoint import CheckpointError, verify
+from nanotrain.checkpoint import Checkpointer, CheckpointError, verify
 from nanotrain.errors import NanotrainError
 from nanotrain.files import temp_directory
 from nanotrain.inference_checkpoint import load_inference, save_inference
@@ -678,7 +678,7 @@ def test_one_process_resume_on_two_fsdp_ranks(tmp_path, fsdp_reference):
     ckpt = source / "checkpoints" / "step_00000004"
     result = torchrun(args_for(out, "--train.batch_size=2", "--parallel.strategy=fsdp", f"--checkpoint.resume={ckpt}"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "saved by 1 process(es), now 2" in result.stdout
+    assert "saved by 1 data-parallel x 1 tensor-parallel process(es), now 2 x 1" in result.stdout
     ref = losses(fsdp_reference)
     for step, loss in losses(out).items():
         assert loss == pytest.approx(ref[step], rel=1e-5)
@@ -694,3 +694,17 @@ def test_a_refused_resume_stops_every_rank_in_one_line(tmp_path):
     errors = sorted(line for line in result.stderr.splitlines() if line.startswith("error:"))
     assert errors == [f"error: checkpoint '{missing}' does not exist",
                       "error: rank 0 could not open the checkpoint to resume from; see its error"]
+
+
+def test_a_checkpoint_directory_not_shared_by_every_node_is_refused(tmp_path):
+    """On nodes with a disk each, rank 0 sees only its own node's rank files: the save must not publish."""
+    checkpointer = Checkpointer.__new__(Checkpointer)
+    checkpointer.dims = ParallelDims(rank=0, local_rank=0, world_size=3, device="cpu", strategy="ddp")
+    tmp = tmp_path / "step_00000004.tmp-1"
+    tmp.mkdir()
+    for rank in (0, 2):
+        (tmp / f"rank_{rank:05d}.pt").touch()
+    with pytest.raises(CheckpointError, match=r"the files of rank\(s\) 1 are not in .* not shared by every node"):
+        checkpointer._require_every_rank_file(tmp)
+    (tmp / "rank_00001.pt").touch()
+    checkpointer._require_every_rank_file(tmp)

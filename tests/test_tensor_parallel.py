@@ -1,0 +1,294 @@
+"""Tensor parallelism and 2-D (dp x tp) layouts give the losses of one process; checkpoints cross layouts.
+
+Two torchrun launches (tests/distributed_worker.py, gloo, OMP_NUM_THREADS=1) run the layouts one
+after another inside one process group each, while the single-process references train here.
+Global batch 8 sequences everywhere, fp32, dropout 0, 6 optimizer steps:
+
+    2 processes   tp 2 (packed; padded with tied embeddings and an uneven vocabulary split),
+                  tp 2 x accumulation 2 (the gpt flavour: biases, LayerNorm, learned positions),
+                  then resumes: tp from its own checkpoint (bit-exact), tp from an FSDP 2 one
+    4 processes   DDP 2 x tp 2, FSDP 2 x tp 2, and DDP 2 x tp 2 resuming a one-process checkpoint
+    here          one process; and resumes of a tp 2 and of an FSDP 2 x tp 2 checkpoint
+
+Every compared step's loss and gradient norm must be within 1e-5 (relative) of one process's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanotrain.config import ConfigError, load_config
+from nanotrain.evaluation import evaluate_checkpoint
+from nanotrain.model import build_model
+from nanotrain.parallel_dims import ParallelDims
+from nanotrain.trainer import train
+from test_distributed import (
+    REPO, STEPS, TOLERANCE, WORKER, layout_overrides, max_loss_difference, relative_difference, worker_env,
+)
+
+TP = ["--parallel.tp=2", "--checkpoint.interval=3"]
+MODE_EXTRA = {"packed": [], "padded": ["--model.vocab_size=67"], "gpt": ["--model.flavour=gpt", "--model.n_kv_heads=0"]}
+# name -> (data mode, strategy, per-rank batch, accumulation steps, processes)
+LAYOUTS = {
+    "tp-packed": ("packed", "none", 8, 1, 2),
+    "tp-padded": ("padded", "none", 8, 1, 2),
+    "tp-accum-gpt": ("packed", "none", 4, 2, 2),
+    "ddp-tp-padded": ("padded", "ddp", 4, 1, 4),
+    "fsdp-tp-padded": ("padded", "fsdp", 4, 1, 4),
+    "fsdp-tp-packed": ("packed", "fsdp", 4, 1, 4),
+}
+# Weights: tensor parallelism splits each matmul's sum in two, and AdamW turns that rounding
+# difference in a near-zero gradient into a step of up to ~lr on that element; 3.2e-6 seen at
+# lr 1e-3 after 6 steps. A wrong gradient or optimizer state moves weights by ~lr per step.
+WEIGHT_ATOL = 1e-4
+
+
+def reference_name(layout: str) -> str:
+    return "gpt" if layout.endswith("gpt") else layout.rsplit("-", 1)[1]
+
+
+def overrides(name: str, out: Path, *extra: str) -> list[str]:
+    mode, strategy, batch, accum, _ = LAYOUTS[name]
+    return layout_overrides(mode, strategy, batch, accum, [*TP, *MODE_EXTRA[reference_name(name)], *extra], out)
+
+
+def reference_overrides(reference: str, out: Path, *extra: str) -> list[str]:
+    mode = "padded" if reference == "padded" else "packed"
+    return layout_overrides(mode, "none", 8, 1, ["--checkpoint.interval=3", *MODE_EXTRA[reference], *extra], out)
+
+
+def start_worker(processes: int, spec: list[dict], tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
+    (tmp / f"{name}.json").write_text(json.dumps(spec))
+    log = tmp / f"{name}.log"
+    with open(log, "w") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+             str(WORKER), "layouts", str(tmp / f"{name}.json"), str(tmp)],
+            cwd=tmp, env={**worker_env(), "OMP_NUM_THREADS": "1"}, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    return worker, log
+
+
+def finish(worker: subprocess.Popen, log: Path) -> str:
+    try:
+        worker.wait(timeout=600)
+    finally:
+        if worker.poll() is None:  # a failure here must not leave the job running
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    output = log.read_text()
+    assert worker.returncode == 0, output[-4000:]
+    return output
+
+
+def checkpoint(tmp: Path, run: str, step: int = 3) -> Path:
+    return tmp / run / "checkpoints" / f"step_{step:08d}"
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in records if "grad_norm" in r}
+
+
+def record(result) -> dict:
+    return {"losses": result.losses, "val_losses": result.val_losses,
+            "state": {k: v.detach().clone() for k, v in result.model.state_dict().items()}}
+
+
+def story_overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    """A run on a prepared dataset (so its checkpoint holds a tokenizer), sampling at each evaluation."""
+    return layout_overrides("packed", "none", 8, 1, [f"--data.path={data}", "--data.source=tokens", "--model.vocab_size=320",
+                                                     "--train.sample_tokens=8", *extra], out)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, make_story_dataset):
+    tmp = tmp_path_factory.mktemp("tp")
+    stories = make_story_dataset(tmp / "stories", count=300, seed=0)
+    two = [{"name": name, "overrides": overrides(name, tmp / name)} for name in LAYOUTS if LAYOUTS[name][4] == 2]
+    two += [
+        {"name": "tp-stories", "overrides": story_overrides(stories, tmp / "tp-stories", "--parallel.tp=2")},
+        {"name": "fsdp-padded", "overrides": layout_overrides(
+            "padded", "fsdp", 4, 1, ["--checkpoint.interval=3", *MODE_EXTRA["padded"]], tmp / "fsdp-padded")},
+        {"name": "resume-tp-from-tp", "overrides": overrides(
+            "tp-padded", tmp / "resume-tp-from-tp", f"--checkpoint.resume={checkpoint(tmp, 'tp-padded')}")},
+        {"name": "resume-tp-from-fsdp", "overrides": overrides(
+            "tp-padded", tmp / "resume-tp-from-fsdp", f"--checkpoint.resume={checkpoint(tmp, 'fsdp-padded')}")},
+    ]
+    four = [{"name": name, "overrides": overrides(name, tmp / name)} for name in LAYOUTS if LAYOUTS[name][4] == 4]
+    four.append({"name": "resume-ddp-tp-from-one", "overrides": overrides(
+        "ddp-tp-padded", tmp / "resume-ddp-tp-from-one", f"--checkpoint.resume={checkpoint(tmp, 'padded')}")})
+
+    results = {}
+    worker = start_worker(2, two, tmp, "two")
+    for reference in ("packed", "padded", "gpt"):  # meanwhile, here
+        results[reference] = record(train(load_config(None, reference_overrides(reference, tmp / reference))))
+    results["stories"] = record(train(load_config(None, story_overrides(stories, tmp / "stories-one"))))
+    output = finish(*worker)
+    worker = start_worker(4, four, tmp, "four")
+    results["resume-one-from-tp"] = record(train(load_config(None, reference_overrides(
+        "padded", tmp / "resume-one-from-tp", f"--checkpoint.resume={checkpoint(tmp, 'tp-padded')}"))))
+    output += finish(*worker)
+    results["resume-one-from-fsdp-tp"] = record(train(load_config(None, reference_overrides(
+        "padded", tmp / "resume-one-from-fsdp-tp", f"--checkpoint.resume={checkpoint(tmp, 'fsdp-tp-padded')}"))))
+    for entry in two + four:
+        results[entry["name"]] = torch.load(tmp / f"{entry['name']}.pt", weights_only=True)
+    results["dir"], results["output"], results["dataset"] = tmp, output, stories
+    return results
+
+
+def max_weight_difference(state: dict, reference: dict) -> float:
+    assert state.keys() == reference.keys()
+    return max((state[k] - v).abs().max().item() for k, v in reference.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_equals_one_process(runs, layout):
+    run, reference = runs[layout], runs[reference_name(layout)]
+    assert reference["losses"].keys() == set(range(1, STEPS + 1))
+    loss = max_loss_difference(run["losses"], reference["losses"])
+    # the val set is eval_steps x dp x batch_size sequences: the reference's only without accumulation
+    val = max_loss_difference(run["val_losses"], reference["val_losses"]) if LAYOUTS[layout][3] == 1 else 0.0
+    norm = max_loss_difference(grad_norms(runs["dir"] / layout), grad_norms(runs["dir"] / reference_name(layout)))
+    weights = max_weight_difference(run["state"], reference["state"])
+    print(f"\n{layout}: max relative difference loss {loss:.1e}, val loss {val:.1e}, grad norm {norm:.1e}; "
+          f"max weight difference {weights:.1e}")
+    assert max(loss, val, norm) <= TOLERANCE and weights <= WEIGHT_ATOL, (loss, val, norm, weights)
+
+
+@pytest.mark.slow
+def test_the_layouts_differ_from_each_other_beyond_the_tolerance(runs):
+    """Guards the comparison: the three references train on other data or models."""
+    losses = [runs[name]["losses"][STEPS] for name in ("packed", "padded", "gpt")]
+    assert min(abs(a - b) for a, b in zip(losses, losses[1:] + losses[:1])) > 100 * TOLERANCE
+
+
+@pytest.mark.slow
+def test_resume_in_the_same_tensor_parallel_layout_is_bit_exact(runs):
+    resumed, uninterrupted = runs["resume-tp-from-tp"], runs["tp-padded"]
+    assert resumed["losses"] == {s: v for s, v in uninterrupted["losses"].items() if s > 3}
+    for name, tensor in uninterrupted["state"].items():
+        assert torch.equal(resumed["state"][name], tensor), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resumed, saved_by", [
+    ("resume-tp-from-fsdp", "FSDP 2"), ("resume-one-from-tp", "tp 2"),
+    ("resume-ddp-tp-from-one", "one process"), ("resume-one-from-fsdp-tp", "FSDP 2 x tp 2"),
+])
+def test_checkpoints_resume_across_layouts(runs, resumed, saved_by):
+    """Steps 4-6 continue one process's run; only reduction order differs (see WEIGHT_ATOL)."""
+    run, reference = runs[resumed], runs["padded"]
+    assert run["losses"].keys() == {4, 5, 6}, saved_by
+    loss = max_loss_difference(run["losses"], {s: v for s, v in reference["losses"].items() if s > 3})
+    weights = max_weight_difference(run["state"], reference["state"])
+    print(f"\n{resumed}: max relative loss difference {loss:.1e}, max weight difference {weights:.1e}")
+    assert loss <= TOLERANCE and weights <= WEIGHT_ATOL
+
+
+@pytest.mark.slow
+def test_resuming_another_layout_says_so(runs):
+    assert ("checkpoint saved by 2 data-parallel x 1 tensor-parallel process(es), now 1 x 2" in runs["output"])
+
+
+def run_command(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=worker_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_run_samples_and_its_checkpoint_serves_generate_evaluate_and_export(runs, tmp_path):
+    """model.safetensors holds whole weights, so the one-process tools read a tp checkpoint unchanged."""
+    tp_run = runs["dir"] / "tp-stories"
+    loss = max_loss_difference(runs["tp-stories"]["losses"], runs["stories"]["losses"])
+    assert loss <= TOLERANCE, loss
+    samples = [json.loads(line)["samples"] for line in (tp_run / "metrics.jsonl").read_text().splitlines()
+               if '"samples"' in line]
+    assert len(samples) == 2 and all(text.strip() for texts in samples for text in texts)  # at steps 3 and 6
+
+    tp_checkpoint, one_checkpoint = checkpoint(runs["dir"], "tp-stories", STEPS), checkpoint(runs["dir"], "stories-one", STEPS)
+    generated = run_command("nanotrain.generate", "--checkpoint", str(tp_checkpoint), "--prompt", "Once upon a time",
+                            "--max_new_tokens", "8")
+    assert generated.stdout.strip().startswith("Once upon a time")
+    val = [evaluate_checkpoint(str(ckpt), str(runs["dataset"]), max_batches=2).loss for ckpt in (tp_checkpoint, one_checkpoint)]
+    assert abs(val[0] - val[1]) <= TOLERANCE * val[1], val
+
+    run_command("nanotrain.export", "--checkpoint", str(tp_checkpoint), "--format", "hf", "--out", str(tmp_path / "hf"))
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    ours = build_model(load_config(str(tp_checkpoint / "config.toml")).model)
+    ours.load_state_dict(runs["tp-stories"]["state"])
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        assert relative_difference(hf(ids).logits, ours(ids)[0]) < 1e-5
+
+
+@pytest.mark.slow
+def test_an_fsdp_by_tp_checkpoint_holds_the_whole_weights(runs):
+    from safetensors.torch import load_file
+
+    saved = load_file(checkpoint(runs["dir"], "fsdp-tp-padded", STEPS) / "model.safetensors")
+    expected = runs["fsdp-tp-padded"]["state"]
+    assert saved.keys() == {k for k in expected if k != "lm_head.weight"}  # tied: stored once
+    for name, tensor in saved.items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_vocabulary_parallel_loss_gradients_and_generation_equal_one_process(tmp_path):
+    """Vocabulary 67 over 2 ranks (34 + 33 rows), some labels ignored: loss, every gradient, cached logits."""
+    out = tmp_path / "checks.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+         "tensor-parallel-checks", str(out)],
+        cwd=tmp_path, env={**worker_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checks = json.loads(out.read_text())
+    print(f"\n{checks}")
+    assert checks["loss"] <= 1e-6 and checks["grads"] <= 1e-5 and checks["generation_logits"] <= 1e-5
+    # the probe sees the one-process model's (B, T, V) logits; the split model makes none
+    assert checks["vocabulary_wide_tensors"]["plain"] > 0 and checks["vocabulary_wide_tensors"]["split"] == 0
+
+
+@pytest.mark.parametrize("world, tp, message", [
+    (3, 2, "parallel.tp = 2 must divide the 3 launched processes"),
+    (4, 0, "parallel.tp = 0 must divide the 4 launched processes"),
+])
+def test_a_mesh_that_does_not_fit_the_world_is_refused_in_one_line(world, tp, message):
+    with pytest.raises(ConfigError, match=message):
+        ParallelDims(rank=0, local_rank=0, world_size=world, device="cpu", strategy="none", tp=tp)
+
+
+def test_the_mesh_puts_tensor_parallel_ranks_side_by_side():
+    dims = ParallelDims(rank=3, local_rank=3, world_size=4, device="cpu", strategy="fsdp", tp=2)
+    assert dims.degrees == {"dp": 2, "tp": 2}
+    assert (dims.dp_size, dims.dp_rank, dims.tp_size, dims.tp_rank) == (2, 1, 2, 1)
+    assert ParallelDims(rank=1, local_rank=1, world_size=2, device="cpu", strategy="none", tp=2).dp_rank == 0
+
+
+@pytest.mark.parametrize("key, value", [("n_heads", 6), ("n_kv_heads", 3), ("d_ff", 66)])
+def test_head_counts_tp_does_not_divide_are_refused_in_one_line(key, value):
+    with pytest.raises(ConfigError, match=f"model.{key} = {value} cannot be split over parallel.tp = 4"):
+        load_config(None, ["--parallel.tp=4", "--model.n_heads=8", "--model.n_kv_heads=4", "--model.d_model=64",
+                               f"--model.{key}={value}"])
+
+
+def test_tensor_parallelism_without_torchrun_is_one_error_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nanotrain.train", "--parallel.tp=2", "--data.source=random",
+                             f"--train.out_dir={tmp_path / 'run'}"], cwd=REPO, env=worker_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: parallel.tp = 2 needs 2 processes: launch with torchrun --nproc_per_node=2 -m nanotrain.train"]
+    assert not (tmp_path / "run").exists()
