@@ -18,7 +18,7 @@ from nanotrain.trainer import train
 COMMON_KEYS = [
     "train.max_steps", "train.lr", "train.batch_size", "train.seq_len", "train.grad_accum_steps",
     "train.precision", "train.out_dir", "data.path", "model.flavour", "model.n_layers", "model.d_model",
-    "model.n_heads", "model.vocab_size", "parallel.strategy", "checkpoint.interval", "checkpoint.resume",
+    "model.n_heads", "model.vocab_size", "parallel.strategy", "parallel.tp", "checkpoint.interval", "checkpoint.resume",
 ]
 
 

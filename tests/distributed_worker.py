@@ -4,11 +4,11 @@
         Joins the process group once, then for each {"name", "overrides"} in SPEC.json runs
         nanotrain.trainer.train() and has rank 0 save {losses, val_losses, state} to OUT_DIR/name.pt,
         state being the full (gathered, unwrapped) parameters. Runs whose name starts with "init-"
-        save the parallelized model's parameters before any step instead of training.
-    torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py tensor-parallel-checks OUT.json
-        Splits a tiny llama (vocabulary 67: an uneven split) over 2 tensor-parallel ranks and has
-        rank 0 write, as JSON, how far its loss, gradients and cached-generation logits are from
-        the same model's in one process, and the largest tensor the vocabulary-parallel loss made.
+        save the parallelized model's parameters before any step instead of training. The entry
+        named "tensor-parallel-checks" (2 ranks) splits a tiny llama (vocabulary 67: an uneven
+        split) over 2 tensor-parallel ranks instead, and has rank 0 write to OUT_DIR/that name.json
+        how far its loss, gradients and cached-generation logits are from the same model's in one
+        process, and how many whole-vocabulary tensors each made.
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py raise OVERRIDE ...
         The real entry point `nanotrain.train.main`, except that rank 1's third training
         micro-batch raises: the job must end promptly with that error shown.
@@ -35,6 +35,9 @@ INJECTED_ERROR = "injected failure on rank 1 at micro-batch 3"
 def run_layouts(spec_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo")  # held across runs: train() leaves a caller's group alone
     for run in json.loads(Path(spec_file).read_text()):
+        if run["name"] == "tensor-parallel-checks":
+            tensor_parallel_checks(Path(out_dir) / f"{run['name']}.json")
+            continue
         cfg = load_config(None, run["overrides"])
         dims = distributed.init(cfg)
         if run["name"].startswith("init-"):
@@ -49,7 +52,7 @@ def run_layouts(spec_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def tensor_parallel_checks(out_file: str) -> None:
+def tensor_parallel_checks(out_file: Path) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from nanotrain.tensor_parallel import VocabParallelHead
@@ -67,7 +70,6 @@ def tensor_parallel_checks(out_file: str) -> None:
                 self.count += isinstance(t, torch.Tensor) and 67 in t.shape
             return out
 
-    dist.init_process_group("gloo")
     cfg = load_config(None, ["--data.source=random", "--model.vocab_size=67", "--model.d_model=32", "--model.n_layers=2",
                              "--model.n_heads=4", "--model.n_kv_heads=2", "--model.d_ff=64", "--train.device=cpu",
                              "--parallel.tp=2", "--train.seq_len=16"])
@@ -107,8 +109,7 @@ def tensor_parallel_checks(out_file: str) -> None:
         "generation_logits": generation,
     }
     if dist.get_rank() == 0:
-        Path(out_file).write_text(json.dumps(record))
-    dist.destroy_process_group()
+        out_file.write_text(json.dumps(record))
 
 
 def raise_on_rank_1(overrides: list[str]) -> None:
@@ -142,9 +143,7 @@ if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "layouts":
         run_layouts(*args)
-    elif mode == "tensor-parallel-checks":
-        tensor_parallel_checks(*args)
     elif mode == "raise":
         raise_on_rank_1(args)
     else:
-        raise SystemExit(f"unknown mode {mode!r}: use 'layouts', 'tensor-parallel-checks' or 'raise'")
+        raise SystemExit(f"unknown mode {mode!r}: use 'layouts' or 'raise'")
