@@ -5,7 +5,8 @@ A checkpoint is a directory `<checkpoint.dir or train.out_dir/checkpoints>/step_
     model.safetensors    full fp32 weights, clean parameter names (a tied head is stored once,
                          as tok_embeddings.weight); readable with safetensors alone
     config.toml          the resolved config
-    tokenizer.model      the data's tokenizer (absent for data.source = "random")
+    tokenizer.model      the data's tokenizer file, unchanged (tokenizer.json for a Hugging Face
+                         tokenizer); absent for data.source = "random"
     trainer_state.json   the train state (step, tokens seen, skipped steps), GradScaler, loader
                          position, layout, data identity, config (training checkpoints only)
     train_state/         model + optimizer state through torch.distributed.checkpoint (DCP):
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from nanotrain.checkpoint_files import (
-    CONFIG, FORMAT_VERSION, MANIFEST, TOKENIZER, TRAIN_STATE_DIR, TRAINER_STATE, WEIGHTS, CheckpointError,
+    CONFIG, FORMAT_VERSION, MANIFEST, TRAIN_STATE_DIR, TRAINER_STATE, WEIGHTS, CheckpointError,
     checkpoint_root, first_line, list_checkpoints, read_trainer_state, read_weights, require_directory,
     step_dir_name, verify, write_bytes, write_manifest, write_text, write_weights,
 )
@@ -201,7 +202,7 @@ class Checkpointer:
                 write_weights(tmp / WEIGHTS, full_weights, self.cfg)
                 write_text(tmp / CONFIG, self.cfg.to_toml())
                 if self.tokenizer is not None:
-                    write_bytes(tmp / TOKENIZER, self.tokenizer.model_bytes)
+                    write_bytes(tmp / self.tokenizer.file_name, self.tokenizer.file_bytes)
                 write_text(tmp / TRAINER_STATE, json.dumps(self._trainer_state(), indent=1) + "\n")
                 write_manifest(tmp, step, kind="training")
                 publish(tmp, final, replace=True)  # replace: a step redone after resuming from an earlier checkpoint

@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.toml"
-TOKENIZER = "tokenizer.model"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # each Tokenizer implementation's file_name
 TRAINER_STATE = "trainer_state.json"
 TRAIN_STATE_DIR = "train_state"
 TIED_HEAD = "lm_head.weight"  # stored once, as the embedding table, when model.tie_embeddings
@@ -128,6 +128,11 @@ def require_directory(path: Path) -> None:
         raise CheckpointError(f"checkpoint '{path}' is a file, not a directory; pass the checkpoint directory "
                               f"(the one that holds {MANIFEST})")
     raise CheckpointError(f"checkpoint '{path}' does not exist")
+
+
+def tokenizer_file(path: Path) -> Path | None:
+    """The checkpoint's tokenizer file, or None when it has none (trained on data.source = "random")."""
+    return next((path / name for name in TOKENIZER_FILES if (path / name).is_file()), None)
 
 
 def read_weights(path: Path, cfg: Config) -> dict[str, torch.Tensor]:

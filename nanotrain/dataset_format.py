@@ -6,7 +6,8 @@ A dataset directory holds:
                         memmaps, uint16 when the vocabulary fits, else uint32
   train.idx, val.idx    uint64 offsets of the documents in the .bin (n_docs + 1 entries), so
                         the padded loader finds document boundaries without a scan
-  tokenizer.model       the sentencepiece model that produced the tokens
+  tokenizer.model       the tokenizer that produced the tokens, unchanged: a sentencepiece model,
+  or tokenizer.json     or a Hugging Face tokenizer.json
   meta.json             written last: format version, identity hash, tokenizer sha256, ids,
                         dtype, per-split document and token counts, the largest token id,
                         sources and settings
@@ -43,7 +44,6 @@ from nanotrain.tokenizer import Tokenizer, TokenizerError
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.model"
 DEFAULT_VAL_FRACTION = 0.05
 TOKENIZER_TRAINING_BYTES = 512 * 2**20  # the tokenizer sees at most the first 512 MiB of text
 ENCODE_BATCH_BYTES = 8 * 2**20  # text handed to the encoder threads at a time
@@ -147,9 +147,10 @@ def write_dataset(documents: Callable[[], Iterable[tuple[str, int]]], out: str |
 
     `documents()` returns a fresh iterator of (text, bytes consumed so far) each time it is
     called: once to train the tokenizer (when `vocab_size` is given), once to encode. Pass
-    exactly one of `vocab_size` (train a tokenizer) and `tokenizer` (a sentencepiece model's
-    path). `sources` and `settings` describe where the documents came from; with the other
-    arguments they make the dataset's identity, which decides whether `out` already holds it.
+    exactly one of `vocab_size` (train a tokenizer) and `tokenizer` (the path of a sentencepiece
+    model or a Hugging Face tokenizer.json). `sources` and `settings` describe where the documents
+    came from; with the other arguments they make the dataset's identity, which decides whether
+    `out` already holds it.
     """
     if (vocab_size is None) == (tokenizer is None):
         raise PrepareError("pass exactly one of --vocab_size N (train a tokenizer) or --tokenizer PATH")
@@ -176,13 +177,13 @@ def write_dataset(documents: Callable[[], Iterable[tuple[str, int]]], out: str |
             start = time.perf_counter()
             if loaded is None:
                 loaded = _train_tokenizer(documents, vocab_size, total_bytes, verbose)
-            loaded.save(temp / TOKENIZER_FILE)
+            loaded.save(temp / loaded.file_name)
             splits, max_token_id = _encode(documents, loaded, temp, val_fraction, seed, workers, total_bytes,
                                            verbose)
             meta = {
                 "format_version": FORMAT_VERSION,
                 "identity": identity,
-                "tokenizer": {"file": TOKENIZER_FILE, "sha256": loaded.sha256,
+                "tokenizer": {"file": loaded.file_name, "sha256": loaded.sha256,
                               "trained_here": tokenizer is None, "from": str(tokenizer) if tokenizer else None},
                 "vocab_size": loaded.vocab_size,
                 "bos_id": loaded.bos_id, "eos_id": loaded.eos_id, "pad_id": loaded.pad_id,
@@ -387,7 +388,8 @@ def open_tokenizer(path: Path, meta: dict, remedy: str = "prepare it again") -> 
     except TokenizerError as e:
         raise DataError(str(e)) from None
     if tokenizer.sha256 != meta["tokenizer"]["sha256"]:
-        raise DataError(f"dataset '{path}': tokenizer.model does not match the sha256 in meta.json; {remedy}")
+        raise DataError(f"dataset '{path}': {meta['tokenizer']['file']} does not match the sha256 in meta.json; "
+                        f"{remedy}")
     if tokenizer.vocab_size != meta["vocab_size"]:
         raise DataError(f"dataset '{path}' is damaged: its tokenizer has {tokenizer.vocab_size} tokens but meta.json "
                         f"says vocab_size {meta['vocab_size']}; {remedy}")

@@ -93,7 +93,7 @@ def evaluate_checkpoint(checkpoint: str, data_dir: str, split: str = "val", prec
     if tokenizer is not None and data_tokenizer.sha256 != tokenizer.sha256:
         raise EvaluationError(
             f"dataset '{data_dir}' was tokenized with a different tokenizer than checkpoint '{checkpoint}' "
-            "(sha256 differs); prepare the data with --tokenizer CHECKPOINT/tokenizer.model"
+            f"(sha256 differs); prepare the data with --tokenizer {Path(checkpoint) / tokenizer.file_name}"
         )
 
     batch_count, batches = evaluation_batches(source, split, seq_len, batch_size, cfg.data.mode == "padded",

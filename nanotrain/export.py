@@ -5,8 +5,9 @@
 
 Export writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads as
 `LlamaForCausalLM`: config.json, model.safetensors (HF parameter names, fp32), the tokenizer
-(tokenizer.json, which `AutoTokenizer` loads and which encodes and decodes as nanotrain does,
-beside the unchanged tokenizer.model) and generation_config.json.
+(tokenizer.json, which `AutoTokenizer` loads and which encodes and decodes as nanotrain does:
+translated from a sentencepiece model, kept beside it as tokenizer.model; or the checkpoint's own
+tokenizer.json) and generation_config.json.
 Parameter names and config.json come from hf.py (`hf_llama_name` / `nanotrain_name_from_hf`,
 `hf_config` / `model_config_from_hf`), the one mapping shared with the benchmark and the parity
 tests; the weights need no permutation because nanotrain's RoPE already uses HF's rotate-halves
@@ -48,19 +49,19 @@ from nanotrain.model import build_model
 
 # ---- nanotrain -> Hugging Face -----------------------------------------------------------------
 
-def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict]:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for a sentencepiece tokenizer.
+def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict | bytes]:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for a nanotrain tokenizer.
 
     The config names `PreTrainedTokenizerFast`, so transformers loads tokenizer.json as written.
     (`LlamaTokenizer` would keep only its vocabulary and merges and put its own Metaspace
     pre-tokenizer in front, which encodes text that starts with a space differently.)
-    `split_special_tokens`: text that spells "<s>" is encoded as text, as sentencepiece does.
+    `split_special_tokens`: text that spells "<s>" is encoded as text, as nanotrain does.
     """
-    def piece(token_id: int):
-        return tokenizer.processor.id_to_piece(token_id) if token_id >= 0 else None
+    from nanotrain.hf_tokenizer import HuggingFaceTokenizer
 
-    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id),
-               "unk_token": piece(tokenizer.unk_id), "pad_token": piece(tokenizer.pad_id) if tokenizer.has_pad else None}
+    special = {"bos_token": tokenizer.token(tokenizer.bos_id), "eos_token": tokenizer.token(tokenizer.eos_id),
+               "unk_token": tokenizer.token(tokenizer.unk_id),
+               "pad_token": tokenizer.token(tokenizer.pad_id) if tokenizer.has_pad else None}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": tokenizer.bos_id >= 0,  # nanotrain's documents and prompts start with BOS
@@ -70,7 +71,8 @@ def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict]:
         "split_special_tokens": True,
         **special,
     }
-    return {"tokenizer.json": hf_tokenizer_json(tokenizer),
+    as_json = _starting_with_bos if isinstance(tokenizer, HuggingFaceTokenizer) else hf_tokenizer_json
+    return {"tokenizer.json": as_json(tokenizer),
             "tokenizer_config.json": config,
             "special_tokens_map.json": {k: v for k, v in special.items() if v is not None}}
 
@@ -120,6 +122,28 @@ def hf_tokenizer_json(tokenizer) -> dict:
                   "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
                   "ignore_merges": False, "vocab": vocab, "merges": _bpe_merges(spec.pieces)},
     }
+
+
+def _starting_with_bos(tokenizer) -> dict | bytes:
+    """A Hugging Face tokenizer's own tokenizer.json, its bytes unchanged when its post-processor already
+    starts every text with BOS as nanotrain does (Llama 3's); otherwise with one that does (GPT-2's adds
+    nothing), after the original when that is ByteLevel (it only adjusts offsets)."""
+    probe = "Once upon a time"
+    if tokenizer.backend.encode(probe).ids == tokenizer.encode(probe, bos=True):
+        return tokenizer.file_bytes
+    description = json.loads(tokenizer.file_bytes)
+    bos = tokenizer.token(tokenizer.bos_id)
+    template = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
+    }
+    kept = description.get("post_processor")
+    byte_level = isinstance(kept, dict) and kept.get("type") == "ByteLevel"
+    description["post_processor"] = {"type": "Sequence", "processors": [kept, template]} if byte_level else template
+    return description
 
 
 def _bpe_merges(pieces) -> list[list[str]]:
@@ -175,6 +199,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write checkpoint `checkpoint` as a Hugging Face LlamaForCausalLM directory `out`."""
     from nanotrain.inference_checkpoint import load_inference
+    from nanotrain.tokenizer import SentencePieceTokenizer
 
     out = _check_out(out)
     model, cfg, tokenizer = load_inference(checkpoint, device="cpu")
@@ -188,10 +213,13 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         generation = {"_from_model_config": False}
         generation.update({k: v for k, v in hf_config(cfg.model, tokenizer).items() if k.endswith("_token_id")})
         _write_json(temp / "generation_config.json", generation)
-        if tokenizer is not None:
-            tokenizer.save(temp / "tokenizer.model")  # for sentencepiece users and the import back
+        if isinstance(tokenizer, SentencePieceTokenizer):
+            tokenizer.save(temp / tokenizer.file_name)  # for sentencepiece users and the import back
         for name, content in tokenizer_jsons.items():
-            _write_json(temp / name, content)
+            if isinstance(content, bytes):
+                (temp / name).write_bytes(content)
+            else:
+                _write_json(temp / name, content)
     return out
 
 
@@ -228,20 +256,23 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ExportError(f"'{hf_dir / 'config.json'}' is not a readable Llama config ({e!r})") from None
 
-    tokenizer, tokenizer_path = None, hf_dir / "tokenizer.model"
-    if tokenizer_path.is_file():
+    # tokenizer.model first: beside a translated tokenizer.json (nanotrain's export, Llama 2) it is the original
+    tokenizer_path = next((hf_dir / name for name in ("tokenizer.model", "tokenizer.json") if (hf_dir / name).is_file()),
+                          None)
+    tokenizer = None
+    if tokenizer_path is not None:
         try:
             tokenizer = Tokenizer.load(tokenizer_path)
         except TokenizerError as e:
             raise ExportError(str(e)) from None
         if tokenizer.vocab_size > model_cfg.vocab_size:
-            raise ExportError(f"tokenizer.model has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            raise ExportError(f"{tokenizer_path.name} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                               f"{model_cfg.vocab_size}; they do not belong together")
 
     cfg = Config(model=model_cfg)
     cfg.train.seq_len = min(cfg.train.seq_len, model_cfg.max_position_embeddings)
     if tokenizer is None:
-        cfg.data.source = "random"  # the layout's convention: no tokenizer.model <=> random tokens
+        cfg.data.source = "random"  # the layout's convention: no tokenizer <=> random tokens
     cfg.data.stories_vocab_size = min(cfg.data.stories_vocab_size, model_cfg.vocab_size)
     try:
         validate(cfg)
@@ -270,7 +301,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
             raise ExportError(f"weight '{hf_llama_name(name)}' has shape {tuple(tensor.shape)}, config.json "
                               f"implies {tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=True)
-    return save_inference(out, model.state_dict(), cfg, tokenizer_path if tokenizer is not None else None)
+    return save_inference(out, model.state_dict(), cfg, tokenizer_path)
 
 
 # ---- shared helpers ----------------------------------------------------------------------------

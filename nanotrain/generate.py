@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     model, _, tokenizer = load_inference(args.checkpoint, device=check_device(args.device))
     if tokenizer is None:
         raise GenerationError(
-            f"checkpoint '{args.checkpoint}' has no tokenizer.model (trained on data.source = 'random'?), "
+            f"checkpoint '{args.checkpoint}' has no tokenizer.model or tokenizer.json (trained on data.source = 'random'?), "
             "so text prompts cannot be encoded"
         )
     texts = complete(model, tokenizer, args.prompt, args.max_new_tokens, temperature=args.temperature,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from nanotrain.checkpoint_files import (
-    CONFIG, TOKENIZER, WEIGHTS, CheckpointError, read_weights, verify, write_bytes, write_manifest, write_text,
+    CONFIG, WEIGHTS, CheckpointError, read_weights, tokenizer_file, verify, write_bytes, write_manifest, write_text,
     write_weights,
 )
 from nanotrain.config import Config, ConfigError, load_config
@@ -21,16 +21,23 @@ from nanotrain.files import atomic_directory
 def save_inference(path: str | Path, model_state_dict: dict, cfg: Config, tokenizer_path: str | Path | None = None) -> Path:
     """Write an inference checkpoint (weights, config, tokenizer, manifest) atomically at `path`.
 
-    `model_state_dict` has clean nanotrain names; `path` must not exist yet.
+    `model_state_dict` has clean nanotrain names; `path` must not exist yet. The tokenizer file
+    (sentencepiece .model or tokenizer.json) is stored unchanged under its kind's name.
     """
+    from nanotrain.tokenizer import Tokenizer, TokenizerError
+
     path = Path(path)
     if path.exists():
         raise CheckpointError(f"'{path}' already exists; choose a new checkpoint directory or delete it")
+    try:
+        tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path is not None else None
+    except TokenizerError as e:
+        raise CheckpointError(str(e)) from None
     with atomic_directory(path) as tmp:
         write_weights(tmp / WEIGHTS, model_state_dict, cfg)
         write_text(tmp / CONFIG, cfg.to_toml())
-        if tokenizer_path is not None:
-            write_bytes(tmp / TOKENIZER, Path(tokenizer_path).read_bytes())
+        if tokenizer is not None:
+            write_bytes(tmp / tokenizer.file_name, tokenizer.file_bytes)
         write_manifest(tmp, step=None, kind="inference")
     return path
 
@@ -42,7 +49,7 @@ def load_inference(path: str | Path, device: str | torch.device = "cpu"):
     weights loaded strictly (a tied head is re-tied to the embedding table).
     """
     from nanotrain.model import build_model
-    from nanotrain.tokenizer import Tokenizer
+    from nanotrain.tokenizer import Tokenizer, TokenizerError
 
     path = Path(path)
     verify(path)
@@ -52,5 +59,9 @@ def load_inference(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"checkpoint '{path}': {CONFIG} is not a valid config ({e})") from None
     model = build_model(cfg.model)
     model.load_state_dict(read_weights(path, cfg), strict=True)
-    tokenizer = Tokenizer.load(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
+    file = tokenizer_file(path)
+    try:
+        tokenizer = Tokenizer.load(file) if file is not None else None
+    except TokenizerError as e:
+        raise CheckpointError(f"checkpoint '{path}': {e}") from None
     return model.to(device).eval(), cfg, tokenizer

@@ -16,11 +16,13 @@ Columnar files, whatever `--format` says, need pyarrow (`pip install 'nanotrain[
 
 The output directory (format: nanotrain/dataset_format.py) holds train.bin/val.bin (the
 documents' tokens, BOS + text + EOS, concatenated), train.idx/val.idx (document offsets),
-tokenizer.model and meta.json (written last).
+the tokenizer (tokenizer.model, or tokenizer.json when --tokenizer names a Hugging Face
+tokenizer.json) and meta.json (written last).
 
 Each document goes to val with probability --val_fraction, by a draw from a generator seeded
 with --seed, in input order: the split is a function of the inputs and the seed only.
-Encoding runs on all cores (sentencepiece's C++ threads; --workers sets how many). Everything
+Encoding runs on all cores (sentencepiece's C++ threads, --workers sets how many; a tokenizer.json
+uses the tokenizers library's thread pool, one thread with --workers 1). Everything
 is written into a hidden temporary directory next to --out and renamed only when complete,
 so an error or Ctrl-C never leaves a dataset that looks usable. Running the same command
 again is a no-op; pointing --out at a different dataset is refused.
@@ -286,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text/jsonl/parquet/arrow files or directories of them")
     p.add_argument("--out", required=True, help="dataset directory to create")
     p.add_argument("--vocab_size", type=int, help="train a BPE tokenizer of this size on the inputs")
-    p.add_argument("--tokenizer", help="use this existing sentencepiece .model instead of training one")
+    p.add_argument("--tokenizer", help="use this existing tokenizer instead of training one: a sentencepiece "
+                   ".model or a Hugging Face tokenizer.json")
     p.add_argument("--delimiter", default=DEFAULT_DELIMITER, help="line that separates documents (delimited format)")
     p.add_argument("--format", default="auto", choices=FORMATS, dest="fmt")
     p.add_argument("--text_field", default="text", help="jsonl field or parquet/arrow column holding the document text")

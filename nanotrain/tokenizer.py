@@ -1,12 +1,19 @@
-"""A thin wrapper around a sentencepiece model: train one, or load any existing `.model` file.
+"""Tokenizers: one interface, two file formats, chosen by the file's content.
 
-Models trained here are byte-pair encodings with byte fallback, so any UTF-8 text encodes
-(characters never seen in training become their UTF-8 bytes, `<0xF0>` ...), and they use
-fixed special-token ids, the same as Llama 2's tokenizer.model plus a padding token:
+`Tokenizer.load(path)` reads a sentencepiece `.model` (`SentencePieceTokenizer`, e.g. Llama 2's
+tokenizer.model) or a Hugging Face `tokenizer.json` (`HuggingFaceTokenizer` in hf_tokenizer.py,
+e.g. GPT-2's byte-level BPE or Llama 3's); both encode, decode, and name their special ids, their
+sha256, and the bytes and file name under which datasets and checkpoints store them unchanged.
+Loading never executes anything from the file: one is a protobuf, the other JSON.
+
+`Tokenizer.train(texts, vocab_size)` trains a sentencepiece byte-pair encoding with byte fallback,
+so any UTF-8 text encodes (characters never seen in training become their UTF-8 bytes,
+`<0xF0>` ...), with fixed special-token ids, the same as Llama 2's tokenizer.model plus a padding
+token:
 
     unk = 0, bos = 1, eos = 2, pad = 3
 
-Llama 2's tokenizer.model (and other loaded models) may have no padding token. `pad_id` then
+Llama 2's tokenizer.model (and other loaded tokenizers) may have no padding token. `pad_id` then
 falls back to eos (or unk): padding positions are masked out by `attention_mask` and -100
 labels, so which id fills them does not matter, only that it is a valid embedding row.
 
@@ -44,7 +51,7 @@ class ModelSpec:
     """The parts of a sentencepiece model file that decide how text becomes pieces.
 
     `SentencePieceProcessor` exposes pieces, scores and ids but not these settings; they are read
-    from the file's protobuf (see `Tokenizer.spec`) so that an exported Hugging Face tokenizer can
+    from the file's protobuf (see `SentencePieceTokenizer.spec`) so that an exported Hugging Face tokenizer can
     reproduce them exactly, or refuse.
     """
 
@@ -64,38 +71,87 @@ MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
 
 class Tokenizer:
-    """Encode text to token ids and back. Build with `Tokenizer.train(...)` or `Tokenizer.load(path)`."""
+    """Encode text to token ids and back. Build with `Tokenizer.train(...)` or `Tokenizer.load(path)`.
 
-    def __init__(self, model_bytes: bytes, path: Path | None = None):
-        self.processor = spm.SentencePieceProcessor(model_proto=model_bytes)
-        self.path = path
-        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
-        self.model_bytes = model_bytes
-        self.vocab_size = self.processor.vocab_size()
-        self.bos_id = self.processor.bos_id()
-        self.eos_id = self.processor.eos_id()
-        self.unk_id = self.processor.unk_id()
-        own_pad = self.processor.pad_id()  # -1 when the model has none (Llama 2)
-        self.has_pad = own_pad >= 0
-        self.pad_id = own_pad if self.has_pad else (self.eos_id if self.eos_id >= 0 else self.unk_id)
-        if self.eos_id < 0:
+    Every implementation sets `file_bytes` (stored unchanged by datasets and checkpoints, under
+    `file_name`), `sha256`, `vocab_size` and the special ids (-1 when absent) through `_set_ids`.
+    """
+
+    file_name: str  # the name datasets and checkpoints store `file_bytes` under
+
+    def _set_ids(self, file_bytes: bytes, path: Path | None, vocab_size: int, bos: int, eos: int, unk: int,
+                 pad: int) -> None:
+        self.file_bytes, self.path = file_bytes, path
+        self.sha256 = hashlib.sha256(file_bytes).hexdigest()
+        self.vocab_size, self.bos_id, self.eos_id, self.unk_id = vocab_size, bos, eos, unk
+        self.has_pad = pad >= 0
+        self.pad_id = pad if self.has_pad else (eos if eos >= 0 else unk)
+        if eos < 0:
             raise TokenizerError(
                 f"tokenizer {path or '(in memory)'} has no end-of-sequence token; documents need one"
             )
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Load a sentencepiece `.model` file unchanged (e.g. Llama 2's tokenizer.model)."""
+        """Load a sentencepiece `.model` or a Hugging Face `tokenizer.json` unchanged, whichever the file holds."""
         path = Path(path)
         if not path.is_file():
             raise TokenizerError(f"tokenizer file '{path}' does not exist")
+        file_bytes = path.read_bytes()
+        if file_bytes.lstrip()[:1] in (b"{", b"["):  # JSON; a sentencepiece protobuf starts with field 1's tag, 0x0A
+            from nanotrain.hf_tokenizer import HuggingFaceTokenizer
+
+            return HuggingFaceTokenizer(file_bytes, path)
         try:
-            return cls(path.read_bytes(), path)
+            return SentencePieceTokenizer(file_bytes, path)
         except RuntimeError as e:  # sentencepiece reports a bad protobuf as RuntimeError
-            raise TokenizerError(f"'{path}' is not a sentencepiece model ({_first_line(e)})") from None
+            raise TokenizerError(f"'{path}' is neither a sentencepiece .model nor a Hugging Face tokenizer.json "
+                                 f"({first_line(e)})") from None
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "SentencePieceTokenizer":
+        """Train a sentencepiece tokenizer (see `SentencePieceTokenizer.train`)."""
+        return SentencePieceTokenizer.train(texts, vocab_size)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the tokenizer's file; its bytes (and so its sha256) are unchanged."""
+        path = Path(path)
+        path.write_bytes(self.file_bytes)
+        return path
+
+    def token(self, token_id: int) -> str | None:
+        """The vocabulary entry of `token_id` (None for -1)."""
+        raise NotImplementedError
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """The ids of `text`, with BOS before and EOS after when asked."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int = -1) -> list[list[int]]:
+        """`encode` of every text, on several threads."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The text of `ids`; special tokens (BOS, EOS, padding) decode to nothing."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
+                f"pad={self.pad_id}, sha256={self.sha256[:12]})")
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece `.model`: trained here (`train`) or loaded unchanged (e.g. Llama 2's tokenizer.model)."""
+
+    file_name = "tokenizer.model"
+
+    def __init__(self, file_bytes: bytes, path: Path | None = None):
+        self.processor = spm.SentencePieceProcessor(model_proto=file_bytes)
+        self._set_ids(file_bytes, path, self.processor.vocab_size(), self.processor.bos_id(),
+                      self.processor.eos_id(), self.processor.unk_id(), self.processor.pad_id())
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "SentencePieceTokenizer":
         """Train a byte-fallback BPE model of `vocab_size` pieces on an iterable of documents.
 
         Documents are fed line by line (sentencepiece's unit is a line); lines longer than
@@ -134,7 +190,7 @@ class Tokenizer:
     @functools.cached_property
     def spec(self) -> ModelSpec:
         """The model file's normalization and segmentation settings, read from its protobuf."""
-        model = _message(self.model_bytes)
+        model = _message(self.file_bytes)
         # A sub-message that occurs more than once is merged, which is what parsing the concatenation does.
         trainer, normalizer, denormalizer = (_message(b"".join(model.get(n, []))) for n in (2, 3, 5))
         pieces = []
@@ -154,11 +210,8 @@ class Tokenizer:
             denormalization_rules=bool(_last(denormalizer, 2, b"")),
         )
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model file; its bytes (and so its sha256) are unchanged."""
-        path = Path(path)
-        path.write_bytes(self.model_bytes)
-        return path
+    def token(self, token_id: int) -> str | None:
+        return self.processor.id_to_piece(token_id) if token_id >= 0 else None
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self.processor.encode(text)
@@ -171,8 +224,6 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.processor.decode([int(i) for i in ids])
 
-    def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}, sha256={self.sha256[:12]})"
 
 
 def _training_lines(texts: Iterable[str]):
@@ -234,7 +285,8 @@ def _last(fields: dict[int, list], number: int, default):
     return fields[number][-1] if number in fields else default
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """An exception as one line: the first line of its message, or its type if it has none."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
@@ -248,4 +300,4 @@ def _explain_training_error(error: RuntimeError, vocab_size: int) -> str:
         return f"--vocab_size {vocab_size} is smaller than the number of distinct characters; raise it"
     if "input_sentence" in message or "No valid" in message or "empty" in message.lower():
         return "no text to train the tokenizer on: the inputs hold no non-empty lines"
-    return f"sentencepiece could not train a tokenizer: {_first_line(error)}"
+    return f"sentencepiece could not train a tokenizer: {first_line(error)}"

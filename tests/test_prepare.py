@@ -13,7 +13,7 @@ from nanotrain import dataset_format
 from nanotrain.dataset_format import PrepareError, token_dtype
 from nanotrain.prepare import main, prepare
 from nanotrain.stories import generate_stories
-from nanotrain.tokenizer import Tokenizer
+from nanotrain.tokenizer import SentencePieceTokenizer, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
@@ -150,7 +150,7 @@ def test_interrupt_leaves_nothing_behind(prepared, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Tokenizer, "encode_batch", interrupted)
+    monkeypatch.setattr(SentencePieceTokenizer, "encode_batch", interrupted)
     before = leftovers(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         prepare([str(tmp_path / "ok.txt")], tmp_path / "ds", tokenizer=str(out / "tokenizer.model"), verbose=False)

@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 
 from nanotrain.stories import generate_stories
-from nanotrain.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError
+from nanotrain.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, SentencePieceTokenizer, Tokenizer, TokenizerError
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def tok(corpus):
 
 def test_training_is_deterministic_and_ids_are_fixed(corpus, tok):
     again = Tokenizer.train(corpus, 400)
-    assert again.model_bytes == tok.model_bytes and again.sha256 == tok.sha256
+    assert again.file_bytes == tok.file_bytes and again.sha256 == tok.sha256
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (UNK_ID, BOS_ID, EOS_ID, PAD_ID) == (0, 1, 2, 3)
     assert tok.vocab_size == 400 and tok.has_pad
 
@@ -47,7 +47,7 @@ def test_encode_batch_matches_encode_and_adds_bos_eos(tok, corpus):
 def test_load_keeps_the_file_unchanged(tok, tmp_path):
     path = tok.save(tmp_path / "tokenizer.model")
     loaded = Tokenizer.load(path)
-    assert loaded.sha256 == tok.sha256 and path.read_bytes() == tok.model_bytes
+    assert loaded.sha256 == tok.sha256 and path.read_bytes() == tok.file_bytes
     assert loaded.encode("Once upon a time") == tok.encode("Once upon a time")
 
 
@@ -69,7 +69,7 @@ def test_errors_are_one_line(corpus, tmp_path):
     with pytest.raises(TokenizerError, match="does not exist"):
         Tokenizer.load(tmp_path / "missing.model")
     (tmp_path / "junk.model").write_bytes(b"not a model")
-    with pytest.raises(TokenizerError, match="not a sentencepiece model"):
+    with pytest.raises(TokenizerError, match="neither a sentencepiece .model nor a Hugging Face tokenizer.json"):
         Tokenizer.load(tmp_path / "junk.model")
 
 
@@ -85,9 +85,9 @@ def test_spec_reads_the_model_settings_as_protobuf_does(corpus, tok, settings):
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=300,
                                        minloglevel=2, **settings)
-        tok = Tokenizer(model.getvalue())
+        tok = SentencePieceTokenizer(model.getvalue())
     proto = model_pb2.ModelProto()
-    proto.ParseFromString(tok.model_bytes)
+    proto.ParseFromString(tok.file_bytes)
     kinds = {1: "normal", 2: "unknown", 3: "control", 4: "user_defined", 5: "unused", 6: "byte"}
     assert tok.spec.pieces == tuple((p.piece, p.score, kinds[p.type]) for p in proto.pieces)
     assert tok.spec.model_type == {1: "unigram", 2: "bpe"}[proto.trainer_spec.model_type]
@@ -106,7 +106,7 @@ def test_spec_reads_the_model_settings_as_protobuf_does(corpus, tok, settings):
 
 
 def test_spec_of_a_truncated_model_is_one_line(tok):
-    truncated = Tokenizer(tok.model_bytes)
-    truncated.model_bytes = tok.model_bytes[:-3]  # sentencepiece holds the whole model; only the bytes are cut
+    truncated = SentencePieceTokenizer(tok.file_bytes)
+    truncated.file_bytes = tok.file_bytes[:-3]  # sentencepiece holds the whole model; only the bytes are cut
     with pytest.raises(TokenizerError, match="truncated"):
         truncated.spec
