@@ -325,7 +325,7 @@ class Checkpointer:
         saved, now = _flatten(state["config"]), _flatten(self.cfg.to_dict())
         refused = [f"{k} is {saved.get(k)!r} there but {now[k]!r} now" for k in RESUME_REFUSES if saved.get(k) != now[k]]
         if state["global_batch"] != self.layout.global_batch:
-            refused.append(f"the global batch (grad_accum_steps x processes x batch_size) is {state['global_batch']} "
+            refused.append(f"the global batch (grad_accum_steps x data-parallel ranks x batch_size) is {state['global_batch']} "
                            f"there but {self.layout.global_batch} now, which changes the data order")
         ignore = ("path",)  # a dataset may move; its hashes may not change
         saved_id = {k: v for k, v in state["data_identity"].items() if k not in ignore}

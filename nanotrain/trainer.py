@@ -92,7 +92,7 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
 
     tokens_per_step = t.grad_accum_steps * dims.dp_size * t.batch_size * t.seq_len
     log(
-        f"tokens per optimizer step = {t.grad_accum_steps} accum x {dims.dp_size} processes "
+        f"tokens per optimizer step = {t.grad_accum_steps} accum x {dims.dp_size} data-parallel "
         f"x {t.batch_size} batch x {t.seq_len} seq = {tokens_per_step:,}"
     )
     speed = SpeedMeter.for_run(cfg, dims.device, dims.world_size, tokens_per_step)  # tokens/s, MFU, memory

@@ -197,7 +197,7 @@ def test_initial_weights_are_independent_of_world_size(runs, mode):
 def test_only_rank_0_prints_and_tokens_per_step_is_logged(runs):
     output = runs["output"]
     assert output.count("tokens per optimizer step") == len(MODES) * len(TWO_RANKS)
-    assert "tokens per optimizer step = 2 accum x 2 processes x 2 batch x 16 seq = 128" in output
+    assert "tokens per optimizer step = 2 accum x 2 data-parallel x 2 batch x 16 seq = 128" in output
     assert output.count(f"step {STEPS:>6}/{STEPS} | val loss") == len(MODES) * len(TWO_RANKS)
 
 

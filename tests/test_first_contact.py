@@ -41,7 +41,7 @@ def test_run_starts_with_a_summary_and_print_config_shows_its_config_toml(tmp_pa
         f"run dir      {run} (metrics in metrics.jsonl)",
         f"config       {run / 'config.toml'} (the full resolved config; --print-config prints it without training)",
         f"checkpoints  {run / 'checkpoints'} (every 5 steps, keep last 3, resume auto)",
-        "tokens per optimizer step = 2 accum x 1 processes x 4 batch x 32 seq = 256",
+        "tokens per optimizer step = 2 accum x 1 data-parallel x 4 batch x 32 seq = 256",
     ]
     assert not any(line.startswith("[") for line in lines)  # no TOML section of the resolved config
     assert printed == (run / "config.toml").read_text()

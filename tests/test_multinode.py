@@ -64,7 +64,7 @@ def test_two_simulated_nodes_train_the_single_process_job(tmp_path):
     printing = [i for i, output in enumerate(outputs) if "tokens per optimizer step" in output]
     assert len(printing) == 1, outputs
     assert "layout       2 processes on cpu, strategy ddp, data parallel 2" in outputs[printing[0]]
-    assert "1 accum x 2 processes x 4 batch x 16 seq = 128" in outputs[printing[0]]
+    assert "1 accum x 2 data-parallel x 4 batch x 16 seq = 128" in outputs[printing[0]]
     assert "| loss" not in outputs[1 - printing[0]] and "Traceback" not in outputs[1 - printing[0]]
     assert {p.name for p in run.iterdir()} == {"config.toml", "metrics.jsonl", "checkpoints", ".lock"}
     final = run / "checkpoints" / f"step_{STEPS:08d}"
