@@ -8,8 +8,9 @@ is Megatron-LM's, written with PyTorch's DTensor tensor-parallel API:
                 o_proj                   rowwise: partial outputs, summed by one all-reduce
     MLP         gate_proj, up_proj       colwise: d_ff/tp hidden units per process
                 down_proj                rowwise: one all-reduce
-    embedding   tok_embeddings           split by vocabulary rows: each process looks up the ids
-                                         it holds, one all-reduce assembles the vectors
+    embedding   tok_embeddings           split by vocabulary rows (VocabParallelEmbedding): each
+                                         process looks up the ids it holds, one all-reduce
+                                         assembles the vectors
     head        lm_head                  split by vocabulary rows; the loss is vocabulary-parallel
                                          (VocabParallelHead): no process ever holds (B, T, V) logits
     the rest    norms, position table    replicated: every process holds them whole
@@ -57,8 +58,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
         parallelize_module(block, tp_mesh, plan)
         for norm in (block.attn_norm, block.mlp_norm):
             replicate(norm, tp_mesh)
-    # Token ids arrive whole on every process; each looks up the rows it holds.
-    parallelize_module(model.tok_embeddings, tp_mesh, RowwiseParallel(input_layouts=Replicate()))
+    model.tok_embeddings = VocabParallelEmbedding.from_embedding(model.tok_embeddings, tp_mesh)
     if hasattr(model, "pos_embeddings"):
         replicate(model.pos_embeddings, tp_mesh)
     replicate(model.norm, tp_mesh)
@@ -80,6 +80,58 @@ def replicate(module: nn.Module, tp_mesh: DeviceMesh) -> None:
     distribute_module(module, tp_mesh, input_fn=to_dtensor, output_fn=lambda _module, output, _mesh: output.to_local())
 
 
+def vocabulary_starts(vocab_size: int, processes: int) -> list[int]:
+    """The first vocabulary row of each process's share, and the end: DTensor's split of dim 0 (torch.chunk's)."""
+    rows_per_process = math.ceil(vocab_size / processes)
+    return [min(r * rows_per_process, vocab_size) for r in range(processes + 1)]
+
+
+def local_rows(weight: DTensor) -> tuple[torch.Tensor, int, dist.ProcessGroup]:
+    """This process's rows of a vocabulary-split weight, the vocabulary id of the first, and the tp group."""
+    mesh = weight.device_mesh
+    return weight.to_local(), vocabulary_starts(weight.size(0), mesh.size())[mesh.get_local_rank()], mesh.get_group()
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """The token embedding with its table split by vocabulary rows over the tp processes.
+
+    Every process gets all the ids, looks up those in its rows (zeros for the others) and one
+    all-reduce sums the shares. Written out rather than with DTensor's RowwiseParallel, whose
+    backward leaves each process a whole (V, C) gradient (measured: a 32,000 x 256 table's 33 MB
+    per rank, docs/benchmarks.md); here each process's gradient has its own rows only.
+    """
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, tp_mesh: DeviceMesh) -> "VocabParallelEmbedding":
+        split = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
+        split.weight = nn.Parameter(distribute_tensor(embedding.weight.detach(), tp_mesh, [Shard(0)]))
+        return split
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight, start, group = local_rows(self.weight)
+        elsewhere = (ids < start) | (ids >= start + weight.size(0))
+        vectors = F.embedding((ids - start).masked_fill(elsewhere, 0), weight).masked_fill(elsewhere[..., None], 0.0)
+        return _SumOverGroup.apply(vectors, group)
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """Forward: the sum of every process's tensor (all-reduce). Backward: the gradient as it is.
+
+    Each process's share enters the sum once and the sum's gradient is the same on every process
+    (what follows is replicated), so each share's gradient is that gradient (Megatron-LM's g).
+    """
+
+    @staticmethod
+    def forward(ctx, share, group):
+        total = share.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 class VocabParallelHead(OutputHead):
     """The output head with its weight split by vocabulary rows, and the loss computed without gathering logits.
 
@@ -97,20 +149,10 @@ class VocabParallelHead(OutputHead):
         split.weight = nn.Parameter(distribute_tensor(head.weight.detach(), tp_mesh, [Shard(0)]))
         return split
 
-    def _shard(self) -> tuple[torch.Tensor, int, dist.ProcessGroup]:
-        """This process's rows of the weight, the vocabulary id of the first, and the tp group."""
-        mesh = self.weight.device_mesh
-        return self.weight.to_local(), self._starts(mesh.size())[mesh.get_local_rank()], mesh.get_group()
-
-    def _starts(self, processes: int) -> list[int]:
-        """The first vocabulary row of each process's share, and the end: DTensor's split (torch.chunk's)."""
-        rows_per_process = math.ceil(self.out_features / processes)
-        return [min(r * rows_per_process, self.out_features) for r in range(processes + 1)]
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Whole logits (B, T, V) on every process (an all-gather): for generation, not for training."""
-        weight, _, group = self._shard()
-        width = self._starts(dist.get_world_size(group))[1]  # the widest share; only trailing shares are narrower
+        weight, _, group = local_rows(self.weight)
+        width = vocabulary_starts(self.out_features, dist.get_world_size(group))[1]  # only trailing shares are narrower
         local = F.pad(F.linear(hidden, weight), (0, width - weight.size(0)))  # (B, T, width): gloo gathers equal sizes
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, local, group=group)
@@ -121,7 +163,7 @@ class VocabParallelHead(OutputHead):
 
         `fused` makes no difference: this path never holds more than (B, T, V/tp) logits.
         """
-        weight, start, group = self._shard()
+        weight, start, group = local_rows(self.weight)
         dtype = head_compute_dtype(hidden, weight)
         rows = hidden[:, :-1].reshape(-1, hidden.size(-1)).to(dtype)  # (N, C)
         targets = labels[:, 1:].reshape(-1)  # (N,)
