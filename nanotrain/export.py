@@ -101,13 +101,7 @@ def hf_tokenizer_json(tokenizer) -> dict:
     post_processor = None
     if tokenizer.bos_id >= 0:
         bos = spec.pieces[tokenizer.bos_id][0]
-        post_processor = {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
-        }
+        post_processor = _bos_first(bos, tokenizer.bos_id)
     unk = spec.pieces[tokenizer.unk_id][0] if tokenizer.unk_id >= 0 else None
     return {
         "version": "1.0",
@@ -124,6 +118,17 @@ def hf_tokenizer_json(tokenizer) -> dict:
     }
 
 
+def _bos_first(bos: str, bos_id: int) -> dict:
+    """A tokenizer.json post-processor that puts BOS before each text, as nanotrain's prompts start."""
+    return {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+
+
 def _starting_with_bos(tokenizer) -> dict | bytes:
     """A Hugging Face tokenizer's own tokenizer.json, its bytes unchanged when its post-processor already
     starts every text with BOS as nanotrain does (Llama 3's); otherwise with one that does (GPT-2's adds
@@ -133,13 +138,7 @@ def _starting_with_bos(tokenizer) -> dict | bytes:
         return tokenizer.file_bytes
     description = json.loads(tokenizer.file_bytes)
     bos = tokenizer.token(tokenizer.bos_id)
-    template = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}},
-    }
+    template = _bos_first(bos, tokenizer.bos_id)
     kept = description.get("post_processor")
     byte_level = isinstance(kept, dict) and kept.get("type") == "ByteLevel"
     description["post_processor"] = {"type": "Sequence", "processors": [kept, template]} if byte_level else template
