@@ -7,7 +7,8 @@ Global batch 8 sequences everywhere, fp32, dropout 0, 6 optimizer steps:
     2 processes   tp 2 (packed; padded with tied embeddings and an uneven vocabulary split),
                   tp 2 x accumulation 2 (the gpt flavour: biases, LayerNorm, learned positions),
                   then resumes: tp from its own checkpoint (bit-exact), tp from an FSDP 2 one
-    4 processes   DDP 2 x tp 2, FSDP 2 x tp 2 (padded), and DDP 2 x tp 2 resuming a one-process checkpoint
+    4 processes   DDP 2 x tp 2, FSDP 2 x tp 2, DDP 2 x tp 2 x accumulation 2 (padded), and DDP 2 x tp 2
+                  resuming a one-process checkpoint
     here          one process; and resumes of a tp 2 and of an FSDP 2 x tp 2 checkpoint
 
 Every compared step's loss and gradient norm must be within 1e-5 (relative) of one process's.
@@ -43,6 +44,7 @@ LAYOUTS = {
     "tp-accum-gpt": ("packed", "none", 4, 2, 2),
     "ddp-tp-padded": ("padded", "ddp", 4, 1, 4),
     "fsdp-tp-padded": ("padded", "fsdp", 4, 1, 4),
+    "ddp-tp-accum-padded": ("padded", "ddp", 2, 2, 4),  # gradients averaged over dp after the last micro-batch only
 }
 # Weights: tensor parallelism splits each matmul's sum in two, and AdamW turns that rounding
 # difference in a near-zero gradient into a step of up to ~lr on that element; 3.2e-6 seen at
