@@ -13,6 +13,9 @@ any `--section.key=value` override goes on top. The global batch is the same in 
 each data-parallel rank takes global_batch / dp sequences per step, and every tp rank of a dp
 group the same ones.
 
+Activations: the bytes the first warm-up step's forward saves for backward (local shards,
+parameters left out), the memory that sequence parallelism divides.
+
 Memory is counted, not sampled: right after the optimizer's step (when gradients and optimizer
 state both exist) each rank sums the bytes of its LOCAL share of every parameter, gradient and
 optimizer state tensor (`to_local()` of a DTensor; a tied weight once). Rank 0 also trains one
@@ -66,8 +69,7 @@ class MemoryShare:
 
 def local_bytes(tensor: torch.Tensor) -> int:
     """Bytes of this rank's share of `tensor`: its local shard when it is a DTensor."""
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return local.numel() * local.element_size()
+    return local(tensor).numel() * local(tensor).element_size()
 
 
 def count_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> MemoryShare:
@@ -79,6 +81,32 @@ def count_memory(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Me
     for state in optimizer.state.values():
         share.optimizer_state += sum(local_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
     return share
+
+
+def saved_activation_bytes(model: torch.nn.Module, step) -> int:
+    """Bytes of the tensors `step()`'s forward saves for backward on this rank, parameters left out.
+
+    Counted once per storage (views share one), local shards of DTensors: the activation memory
+    that sequence parallelism divides. Under FSDP the gathered parameters count too.
+    """
+    parameters = {local(p).untyped_storage().data_ptr() for p in model.parameters()}
+    seen: set[int] = set()
+
+    def pack(tensor):
+        storage = local(tensor).untyped_storage()
+        if storage.data_ptr() not in parameters | seen:
+            seen.add(storage.data_ptr())
+            pack.total += storage.nbytes()
+        return tensor
+
+    pack.total = 0
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return pack.total
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def record_memory_after_each_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[MemoryShare]:
@@ -163,8 +191,9 @@ def run(cfg, dims: ParallelDims, args) -> None:
         return train_step(model, optimizer, [batch], dims, precision, grad_clip=cfg.optim.grad_clip,
                           fused_loss=cfg.train.fused_loss)
 
+    activations = saved_activation_bytes(model, lambda: step(batches[0]))  # the first warm-up step
     seconds, cpu_seconds = [], []
-    for i, batch in enumerate(batches[: args.warmup + args.steps]):
+    for i, batch in enumerate(batches[1: args.warmup + args.steps], start=1):
         start, cpu_start = time.perf_counter(), time.process_time()
         step(batch)
         if i >= args.warmup:
@@ -176,7 +205,7 @@ def run(cfg, dims: ParallelDims, args) -> None:
         step(batches[-1])  # the profiled step's collectives need every rank
     row = {"rank": dims.rank, "dp_rank": dims.dp_rank, "tp_rank": dims.tp_rank, **asdict(shares[-1]),
            "step_s": statistics.mean(seconds), "min_s": min(seconds), "max_s": max(seconds),
-           "cpu_s": statistics.mean(cpu_seconds),
+           "cpu_s": statistics.mean(cpu_seconds), "activations": activations,
            "threads": torch.get_num_threads(), "rss_gib": rss_gib}
     rows = [None] * dims.world_size
     if dist.is_initialized():
@@ -203,13 +232,14 @@ def print_table(cfg, dims: ParallelDims, args, parameter_count: int, rows: list[
           f" | optimizer state {reference.optimizer_state:,} B | total {reference.total:,} B")
     header = (f"{'rank':>4} {'dp':>3} {'tp':>3} {'parameters B':>14} {'gradients B':>14} {'optimizer B':>14}"
               f" {'total B':>14} {'% of 1 proc':>11} {'step s (mean)':>13} {'min-max s':>11} {'CPU s/step':>10}"
-              f" {'peak RSS GiB':>12}")
+              f" {'peak RSS GiB':>12} {'activations B':>14}")
     print(header)
     for r in rows:
         total = r["parameters"] + r["gradients"] + r["optimizer_state"]
         print(f"{r['rank']:>4} {r['dp_rank']:>3} {r['tp_rank']:>3} {r['parameters']:>14,} {r['gradients']:>14,}"
               f" {r['optimizer_state']:>14,} {total:>14,} {100 * total / reference.total:>10.1f}%"
-              f" {r['step_s']:>13.3f} {r['min_s']:>5.2f}-{r['max_s']:<5.2f} {r['cpu_s']:>10.2f} {r['rss_gib']:>12.2f}")
+              f" {r['step_s']:>13.3f} {r['min_s']:>5.2f}-{r['max_s']:<5.2f} {r['cpu_s']:>10.2f} {r['rss_gib']:>12.2f}"
+              f" {r['activations']:>14,}")
     print(f"mean step over {args.steps} timed steps after {args.warmup} warm-up: "
           f"{statistics.mean(r['step_s'] for r in rows):.3f} s (mean over ranks); CPU time "
           f"{sum(r['cpu_s'] for r in rows):.2f} s per step (sum over ranks)")

@@ -132,6 +132,7 @@ class ParallelConfig:
 
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # over the dp axis; auto = ddp when dp > 1
     tp: int = 1  # tensor-parallel degree: processes that split each layer (dp = world // tp)
+    sequence_parallel: bool = False  # with tp > 1: norms and residual stream split by position too
     reshard_after_forward: bool = True  # FSDP: free gathered params after forward
     timeout_s: int = 300  # collective timeout: a stuck rank fails the job, never hangs it
 
@@ -425,6 +426,9 @@ def validate(cfg: Config) -> None:
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     _require_tensor_parallel_split(m, cfg.parallel.tp)
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
+        raise ConfigError("parallel.sequence_parallel splits the positions over the tensor-parallel processes; "
+                          "set parallel.tp > 1 with it, or leave it false")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if t.loss_spike_ratio and not t.loss_spike_ratio > 1:

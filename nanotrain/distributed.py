@@ -203,7 +203,7 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, precision: Pr
     if dims.tp_size > 1:  # first: the plan names the blocks' own sub-modules, before any wrapper
         from nanotrain.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, dims.tp_mesh)
+        apply_tensor_parallel(model, dims.tp_mesh, cfg.parallel.sequence_parallel)
     if cfg.model.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 

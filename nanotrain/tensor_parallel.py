@@ -34,8 +34,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module,
+)
 
 from nanotrain.loss import IGNORE_INDEX, count_valid_tokens, head_compute_dtype
 from nanotrain.model import OutputHead, Transformer
@@ -45,39 +47,63 @@ COLWISE = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up
 ROWWISE = ("attn.o_proj", "mlp.down_proj")
 
 
-def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh) -> None:
-    """Split `model`'s weights over `tp_mesh` in place (see the module docstring for the plan)."""
+def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_parallel: bool = False) -> None:
+    """Split `model`'s weights over `tp_mesh` in place (see the module docstring for the plan).
+
+    `sequence_parallel`: between the split layers, each process holds T/tp of the sequence's
+    positions rather than all of them (the residual stream, the norms, dropout): the all-reduce
+    after o_proj and down_proj becomes a reduce-scatter over the sequence, and an all-gather
+    brings the whole sequence back before attention and the MLP (Korthikanti et al., 2022).
+    """
     # Under FSDP x TP, DTensor warns (on every rank) that the gradient norm's reduction and the
     # gather of whole weights for model.safetensors each take one collective per mesh axis rather
     # than one over both. Both are exact; gloo and NCCL give every rank the same sum.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+    sequence = Shard(1)
     for block in model.blocks:
         names = {name for name, _ in block.named_modules()}
         plan = {name: ColwiseParallel() for name in COLWISE if name in names}
-        plan.update({name: RowwiseParallel() for name in ROWWISE if name in names})
+        if sequence_parallel:  # the residual stream stays a DTensor split by position
+            plan.update({name: RowwiseParallel(output_layouts=sequence, use_local_output=False)
+                         for name in ROWWISE if name in names})
+            plan.update({norm: SequenceParallel() for norm in ("attn_norm", "mlp_norm")})
+            plan["attn"] = PrepareModuleInput(input_layouts=(sequence, None, None, None),
+                                              desired_input_layouts=(Replicate(), None, None, None))
+            plan["mlp"] = PrepareModuleInput(input_layouts=(sequence,), desired_input_layouts=(Replicate(),))
+        else:
+            plan.update({name: RowwiseParallel() for name in ROWWISE if name in names})
         parallelize_module(block, tp_mesh, plan)
-        for norm in (block.attn_norm, block.mlp_norm):
-            replicate(norm, tp_mesh)
-    model.tok_embeddings = VocabParallelEmbedding.from_embedding(model.tok_embeddings, tp_mesh)
+        if not sequence_parallel:
+            for norm in (block.attn_norm, block.mlp_norm):
+                replicate(norm, tp_mesh)
+    model.tok_embeddings = VocabParallelEmbedding.from_embedding(model.tok_embeddings, tp_mesh, sequence_parallel)
     if hasattr(model, "pos_embeddings"):
-        replicate(model.pos_embeddings, tp_mesh)
-    replicate(model.norm, tp_mesh)
+        replicate(model.pos_embeddings, tp_mesh, output=sequence if sequence_parallel else None)
+    if sequence_parallel:
+        parallelize_module(model.norm, tp_mesh, SequenceParallel())
+    else:
+        replicate(model.norm, tp_mesh)
     model.lm_head = VocabParallelHead.from_head(model.lm_head, tp_mesh)
     if model.config.tie_embeddings:  # both are split by vocabulary rows: one weight serves both
         model.lm_head.weight = model.tok_embeddings.weight
 
 
-def replicate(module: nn.Module, tp_mesh: DeviceMesh) -> None:
+def replicate(module: nn.Module, tp_mesh: DeviceMesh, output: Shard | None = None) -> None:
     """Make `module`'s parameters whole copies (replicated DTensors) on every tp process.
 
     Its inputs become replicated DTensors and its outputs plain tensors again, so it sits between
-    the split layers unchanged. Every process computes the same gradient for these parameters.
+    the split layers unchanged; or, with `output` = Shard(1), DTensors split by position (each
+    process keeps its own positions: the sequence-parallel residual stream). Every process
+    computes the same gradient for these parameters.
     """
     def to_dtensor(_module, inputs, mesh):
         return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
                      if isinstance(x, torch.Tensor) else x for x in inputs)
 
-    distribute_module(module, tp_mesh, input_fn=to_dtensor, output_fn=lambda _module, output, _mesh: output.to_local())
+    def from_dtensor(_module, result, _mesh):
+        return result.redistribute(placements=[output]) if output is not None else result.to_local()
+
+    distribute_module(module, tp_mesh, input_fn=to_dtensor, output_fn=from_dtensor)
 
 
 def vocabulary_starts(vocab_size: int, processes: int) -> list[int]:
@@ -102,15 +128,20 @@ class VocabParallelEmbedding(nn.Embedding):
     """
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, tp_mesh: DeviceMesh) -> "VocabParallelEmbedding":
+    def from_embedding(cls, embedding: nn.Embedding, tp_mesh: DeviceMesh,
+                       sequence_parallel: bool = False) -> "VocabParallelEmbedding":
         split = cls(embedding.num_embeddings, embedding.embedding_dim, device="meta")
         split.weight = nn.Parameter(distribute_tensor(embedding.weight.detach(), tp_mesh, [Shard(0)]))
+        split.sequence_parallel = sequence_parallel
         return split
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         weight, start, group = local_rows(self.weight)
         elsewhere = (ids < start) | (ids >= start + weight.size(0))
         vectors = F.embedding((ids - start).masked_fill(elsewhere, 0), weight).masked_fill(elsewhere[..., None], 0.0)
+        if self.sequence_parallel:  # summed and split by position in one reduce-scatter
+            mesh = self.weight.device_mesh
+            return DTensor.from_local(vectors, mesh, [Partial()], run_check=False).redistribute(placements=[Shard(1)])
         return _SumOverGroup.apply(vectors, group)
 
 
@@ -151,6 +182,7 @@ class VocabParallelHead(OutputHead):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Whole logits (B, T, V) on every process (an all-gather): for generation, not for training."""
+        hidden = whole_sequence(hidden)
         weight, _, group = local_rows(self.weight)
         width = vocabulary_starts(self.out_features, dist.get_world_size(group))[1]  # only trailing shares are narrower
         local = F.pad(F.linear(hidden, weight), (0, width - weight.size(0)))  # (B, T, width): gloo gathers equal sizes
@@ -163,6 +195,7 @@ class VocabParallelHead(OutputHead):
 
         `fused` makes no difference: this path never holds more than (B, T, V/tp) logits.
         """
+        hidden = whole_sequence(hidden)
         weight, start, group = local_rows(self.weight)
         dtype = head_compute_dtype(hidden, weight)
         rows = hidden[:, :-1].reshape(-1, hidden.size(-1)).to(dtype)  # (N, C)
@@ -171,6 +204,15 @@ class VocabParallelHead(OutputHead):
         with torch.autocast(hidden.device.type, enabled=False):
             loss_sum = _VocabParallelCrossEntropy.apply(rows, weight.to(dtype), targets, start, group, needs_grad)
         return None, loss_sum, count_valid_tokens(labels)
+
+
+def whole_sequence(hidden: torch.Tensor) -> torch.Tensor:
+    """The final norm's output with every position, as a plain tensor (an all-gather under sequence parallelism).
+
+    Its gradient comes back whole on every process (the loss sums it over the vocabulary
+    slices), so the all-gather's backward keeps each process's own positions of it.
+    """
+    return hidden.full_tensor() if isinstance(hidden, DTensor) else hidden
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -218,6 +260,9 @@ def all_reduce_gradients(model: nn.Module, dp_group: dist.ProcessGroup) -> None:
     `parallel.strategy = ddp` calls this after the backward of an optimizer step's last micro-batch.
     Each process averages its own shard of each gradient with the same shard on the other dp ranks.
     """
+    for p in model.parameters():  # sequence parallelism leaves the norms' gradients partial sums over tp
+        if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+            p.grad = p.grad.redistribute(placements=p.placements)
     grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
              for p in model.parameters() if p.grad is not None]
     if not grads:

@@ -70,15 +70,20 @@ def tensor_parallel_checks(out_file: Path) -> None:
                 self.count += isinstance(t, torch.Tensor) and 67 in t.shape
             return out
 
-    cfg = load_config(None, ["--data.source=random", "--model.vocab_size=67", "--model.d_model=32", "--model.n_layers=2",
-                             "--model.n_heads=4", "--model.n_kv_heads=2", "--model.d_ff=64", "--train.device=cpu",
-                             "--parallel.tp=2", "--train.seq_len=16"])
+    overrides = ["--data.source=random", "--model.vocab_size=67", "--model.d_model=32", "--model.n_layers=2",
+                 "--model.n_heads=4", "--model.n_kv_heads=2", "--model.d_ff=64", "--train.device=cpu",
+                 "--parallel.tp=2", "--train.seq_len=16"]
+    cfg = load_config(None, overrides)
     dims = distributed.init(cfg)
     plain = build_model(cfg.model, seed=0)
-    split = distributed.parallelize(build_model(cfg.model, seed=0), cfg, dims)
-    assert isinstance(split.lm_head, VocabParallelHead)
+    split = {"tp": distributed.parallelize(build_model(cfg.model, seed=0), cfg, dims)}
+    sequence_cfg = load_config(None, overrides + ["--parallel.sequence_parallel=true"])
+    split["sequence-parallel"] = distributed.parallelize(build_model(cfg.model, seed=0), sequence_cfg, dims)
+    assert all(isinstance(model.lm_head, VocabParallelHead) for model in split.values())
+    with torch.no_grad():  # under sequence parallelism the residual stream is split by position
+        assert split["sequence-parallel"].tok_embeddings(torch.zeros(1, 4, dtype=torch.long)).placements[0].is_shard(1)
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 67, (4, 16), generator=generator)
+    ids = torch.randint(0, 67, (4, 15), generator=generator)  # 15 positions: an uneven split by position too
     labels = ids.clone()
     labels[0, :5] = -100  # prompt-like positions that carry no loss
     labels[3, 10:] = -100
@@ -90,24 +95,26 @@ def tensor_parallel_checks(out_file: Path) -> None:
         grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
         return loss_sum.detach(), grads
 
+    def cached_logits(model):  # prefill 10 tokens, then 3 one-token steps, through the KV cache
+        cache = model.new_kv_cache(4, 16)
+        with torch.no_grad():
+            return [model(chunk, kv_cache=cache)[0] for chunk in (ids[:, :10], ids[:, 10:11], ids[:, 11:12], ids[:, 12:13])]
+
     plain_loss, plain_grads = loss_and_grads(plain)
-    split_loss, split_grads = loss_and_grads(split)
+    plain_logits = cached_logits(plain)
     probes = {}
-    for name, model in (("plain", plain), ("split", split)):
+    record = {}
+    for name, model in (("plain", plain), *split.items()):
         with torch.no_grad(), VocabularyWideTensors() as probes[name]:
             model(ids, labels=labels, loss_reduction="sum")
-
-    with torch.no_grad():  # prefill 10 tokens, then 3 one-token steps, through the KV cache
-        caches = [m.new_kv_cache(4, 16) for m in (plain, split)]
-        steps = [ids[:, :10], ids[:, 10:11], ids[:, 11:12], ids[:, 12:13]]
-        generation = max((a - b).abs().max().item() for chunk in steps
-                         for a, b in [tuple(m(chunk, kv_cache=c)[0] for m, c in zip((plain, split), caches))])
-    record = {
-        "loss": abs(split_loss.item() - plain_loss.item()) / plain_loss.item(),
-        "grads": max(((split_grads[n] - g).abs().max() / g.abs().max()).item() for n, g in plain_grads.items()),
-        "vocabulary_wide_tensors": {name: probe.count for name, probe in probes.items()},
-        "generation_logits": generation,
-    }
+    for name, model in split.items():
+        loss, grads = loss_and_grads(model)
+        record[name] = {
+            "loss": abs(loss.item() - plain_loss.item()) / plain_loss.item(),
+            "grads": max(((grads[n] - g).abs().max() / g.abs().max()).item() for n, g in plain_grads.items()),
+            "generation_logits": max((a - b).abs().max().item() for a, b in zip(cached_logits(model), plain_logits)),
+        }
+    record["vocabulary_wide_tensors"] = {name: probe.count for name, probe in probes.items()}
     if dist.get_rank() == 0:
         out_file.write_text(json.dumps(record))
 

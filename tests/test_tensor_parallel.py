@@ -45,7 +45,13 @@ LAYOUTS = {
     "ddp-tp-padded": ("padded", "ddp", 4, 1, 4),
     "fsdp-tp-padded": ("padded", "fsdp", 4, 1, 4),
     "ddp-tp-accum-padded": ("padded", "ddp", 2, 2, 4),  # gradients averaged over dp after the last micro-batch only
+    # sequence parallelism ("-sp"): norms and residual stream split by position as well
+    "tp-sp-accum-gpt": ("packed", "none", 4, 2, 2),
+    "tp-sp-padded": ("padded", "none", 8, 1, 2),
+    "ddp-tp-sp-padded": ("padded", "ddp", 4, 1, 4),
+    "fsdp-tp-sp-padded": ("padded", "fsdp", 4, 1, 4),
 }
+SEQUENCE_PARALLEL = ["--parallel.sequence_parallel=true"]
 # Weights: tensor parallelism splits each matmul's sum in two, and AdamW turns that rounding
 # difference in a near-zero gradient into a step of up to ~lr on that element; 3.2e-6 seen at
 # lr 1e-3 after 6 steps. A wrong gradient or optimizer state moves weights by ~lr per step.
@@ -58,7 +64,8 @@ def reference_name(layout: str) -> str:
 
 def overrides(name: str, out: Path, *extra: str) -> list[str]:
     mode, strategy, batch, accum, _ = LAYOUTS[name]
-    return layout_overrides(mode, strategy, batch, accum, [*TP, *MODE_EXTRA[reference_name(name)], *extra], out)
+    sequence = SEQUENCE_PARALLEL if "-sp" in name else []
+    return layout_overrides(mode, strategy, batch, accum, [*TP, *sequence, *MODE_EXTRA[reference_name(name)], *extra], out)
 
 
 def reference_overrides(reference: str, out: Path, *extra: str) -> list[str]:
@@ -117,7 +124,8 @@ def runs(tmp_path_factory, make_story_dataset):
     two = [{"name": name, "overrides": overrides(name, tmp / name)} for name in LAYOUTS if LAYOUTS[name][4] == 2]
     two += [
         {"name": "tensor-parallel-checks"},
-        {"name": "tp-stories", "overrides": story_overrides(stories, tmp / "tp-stories", "--parallel.tp=2")},
+        {"name": "tp-stories", "overrides": story_overrides(stories, tmp / "tp-stories", "--parallel.tp=2",
+                                                            *SEQUENCE_PARALLEL)},
         {"name": "fsdp-padded", "overrides": layout_overrides(
             "padded", "fsdp", 4, 1, ["--checkpoint.interval=3", *MODE_EXTRA["padded"]], tmp / "fsdp-padded")},
         {"name": "resume-tp-from-tp", "overrides": overrides(
@@ -214,7 +222,11 @@ def run_command(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_tensor_parallel_run_samples_and_its_checkpoint_serves_generate_evaluate_and_export(runs, tmp_path):
-    """model.safetensors holds whole weights, so the one-process tools read a tp checkpoint unchanged."""
+    """model.safetensors holds whole weights, so the one-process tools read a tp checkpoint unchanged.
+
+    The run is sequence-parallel too: its samples decode one token at a time through the KV cache,
+    a sequence of 1 split over 2 processes (one holds it, the other none).
+    """
     tp_run = runs["dir"] / "tp-stories"
     loss = max_loss_difference(runs["tp-stories"]["losses"], runs["stories"]["losses"])
     assert loss <= TOLERANCE, loss
@@ -256,9 +268,12 @@ def test_vocabulary_parallel_loss_gradients_and_generation_equal_one_process(run
     """Vocabulary 67 over 2 ranks (34 + 33 rows), some labels ignored: loss, every gradient, cached logits."""
     checks = runs["tensor-parallel-checks"]
     print(f"\n{checks}")
-    assert checks["loss"] <= 1e-6 and checks["grads"] <= 1e-5 and checks["generation_logits"] <= 1e-5
+    for layout in ("tp", "sequence-parallel"):
+        assert checks[layout]["loss"] <= 1e-6 and checks[layout]["grads"] <= 1e-5, layout
+        assert checks[layout]["generation_logits"] <= 1e-5, layout
     # the probe sees the one-process model's (B, T, V) logits; the split model makes none
-    assert checks["vocabulary_wide_tensors"]["plain"] > 0 and checks["vocabulary_wide_tensors"]["split"] == 0
+    probe = checks["vocabulary_wide_tensors"]
+    assert probe["plain"] > 0 and probe["tp"] == probe["sequence-parallel"] == 0
 
 
 @pytest.mark.parametrize("world, tp, message", [
@@ -292,3 +307,8 @@ def test_tensor_parallelism_without_torchrun_is_one_error_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: parallel.tp = 2 needs 2 processes: launch with torchrun --nproc_per_node=2 -m nanotrain.train"]
     assert not (tmp_path / "run").exists()
+
+
+def test_sequence_parallelism_without_tensor_parallelism_is_refused_in_one_line():
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel splits the positions over the tensor-parallel"):
+        load_config(None, ["--parallel.sequence_parallel=true"])
