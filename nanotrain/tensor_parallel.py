@@ -22,6 +22,11 @@ tp mesh (replicated ones too), so gradient clipping, the optimizer and checkpoin
 kind of tensor; FSDP2 then shards them over the dp axis as well (2-D), and a data-parallel job
 without FSDP averages their gradients over dp with `all_reduce_gradients` (DDP itself cannot
 hold DTensor parameters).
+
+With `parallel.sequence_parallel`, the norms, dropout and residual stream between the split
+layers hold only this process's positions (a DTensor split along the sequence): each all-reduce
+above becomes a reduce-scatter, and an all-gather brings every position back before attention,
+the MLP and the head.
 """
 
 from __future__ import annotations
