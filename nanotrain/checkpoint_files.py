@@ -131,7 +131,10 @@ def require_directory(path: Path) -> None:
 
 
 def tokenizer_file(path: Path) -> Path | None:
-    """The checkpoint's tokenizer file, or None when it has none (trained on data.source = "random")."""
+    """The tokenizer file in a checkpoint (or an HF model directory), tokenizer.model first; None when there is none.
+
+    A checkpoint has none when it was trained on data.source = "random".
+    """
     return next((path / name for name in TOKENIZER_FILES if (path / name).is_file()), None)
 
 

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanotrain.checkpoint_files import tokenizer_file
 from nanotrain.config import Config, ConfigError, validate
 from nanotrain.errors import ArgumentParser, exit_on_error
 from nanotrain.files import atomic_directory
@@ -256,8 +257,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise ExportError(f"'{hf_dir / 'config.json'}' is not a readable Llama config ({e!r})") from None
 
     # tokenizer.model first: beside a translated tokenizer.json (nanotrain's export, Llama 2) it is the original
-    tokenizer_path = next((hf_dir / name for name in ("tokenizer.model", "tokenizer.json") if (hf_dir / name).is_file()),
-                          None)
+    tokenizer_path = tokenizer_file(hf_dir)
     tokenizer = None
     if tokenizer_path is not None:
         try:

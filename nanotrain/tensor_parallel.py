@@ -132,6 +132,8 @@ class VocabParallelEmbedding(nn.Embedding):
     per rank, docs/benchmarks.md); here each process's gradient has its own rows only.
     """
 
+    sequence_parallel = False  # True: the sum is split by position (reduce-scatter), not all-reduced
+
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding, tp_mesh: DeviceMesh,
                        sequence_parallel: bool = False) -> "VocabParallelEmbedding":
