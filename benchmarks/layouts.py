@@ -164,6 +164,7 @@ def parse_args(argv: list[str]):
     return args, overrides
 
 
+@distributed.torchrun_entry
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)

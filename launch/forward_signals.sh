@@ -9,11 +9,16 @@
 # its own, so no terminal signal reaches them); `set -m` gives torchrun a process group of its
 # own too, so a Ctrl-C reaches this script only. Each signal is passed on: the ranks take the
 # first as a preemption and a second as "stop now".
+# A rank that refuses bad input exits 2, but torchrun reports any failed child as 1: the ranks write
+# their status to $NANOTRAIN_EXIT_STATUS_FILE, and this script exits 2 when they refused.
 set -euo pipefail
 if ! command -v pkill >/dev/null; then
   echo "error: launch/forward_signals.sh needs pkill to signal the ranks; install procps" >&2
   exit 2
 fi
+status_file=$(mktemp)
+trap 'rm -f "$status_file"' EXIT
+export NANOTRAIN_EXIT_STATUS_FILE=$status_file
 set -m
 "$@" &
 launcher=$!
@@ -26,4 +31,7 @@ while [[ -z $status ]]; do
   wait "$launcher" && code=0 || code=$?
   (( signalled && code > 128 )) || status=$code  # a trapped signal cut the wait short: wait again
 done
+if (( status != 0 )) && [[ $(cat "$status_file") == 2 ]]; then
+  status=2
+fi
 exit "$status"

@@ -76,7 +76,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
     return args.config, overrides, args.print_config
 
 
-@distributed.record_errors  # under torchrun: the failing rank's traceback in the job summary
+@distributed.torchrun_entry  # under torchrun: the failing rank's traceback in the job summary; a clean exit
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     preset, overrides, print_config = parse_args(sys.argv[1:] if argv is None else argv)

@@ -146,7 +146,8 @@ def raise_on_rank_1(overrides: list[str]) -> None:
     nanotrain.train.main(overrides)
 
 
-if __name__ == "__main__":
+@distributed.torchrun_entry  # a rank exits the way nanotrain.train's ranks do (no crash at interpreter exit)
+def main() -> None:
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "layouts":
         run_layouts(*args)
@@ -154,3 +155,7 @@ if __name__ == "__main__":
         raise_on_rank_1(args)
     else:
         raise SystemExit(f"unknown mode {mode!r}: use 'layouts' or 'raise'")
+
+
+if __name__ == "__main__":
+    main()
