@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
+import threading
 import time
 
 # Set by launch/forward_signals.sh: a rank refusing bad input writes its exit status here, so the
@@ -86,8 +88,11 @@ def report_refusal(message: str) -> None:
         except OSError:
             pass  # the launch script then reports torchrun's own status; the message below still goes out
     if rank != 0:
-        # Rank 0 refuses the same input at the same point and torchrun stops this rank while it waits;
-        # still alive afterwards means the refusal was this rank's alone (its own node's disk, say).
+        # Rank 0 refuses the same input at the same point and torchrun stops this rank while it waits
+        # (leaving with the refusal's status, not as "killed by SIGTERM"); still alive afterwards means
+        # the refusal was this rank's alone (its own node's disk, say).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(2))
         time.sleep(OTHER_RANK_GRACE_S)
         message = f"(rank {rank}) {message}"
     # One write of the whole line: ranks sharing torchrun's stderr pipe never interleave mid-line.
