@@ -98,6 +98,9 @@ class Tokenizer:
         if not path.is_file():
             raise TokenizerError(f"tokenizer file '{path}' does not exist")
         file_bytes = path.read_bytes()
+        if not file_bytes.strip():  # sentencepiece would take it for a model with no pieces, and log about it
+            raise TokenizerError(f"tokenizer file '{path}' is empty, not a tokenizer; pass a sentencepiece .model "
+                                 "or a Hugging Face tokenizer.json")
         if file_bytes.lstrip()[:1] in (b"{", b"["):  # JSON; a sentencepiece protobuf starts with field 1's tag, 0x0A
             from nanotrain.hf_tokenizer import HuggingFaceTokenizer
 
