@@ -5,6 +5,8 @@ the dataclass defaults below, a TOML preset (`--config NAME` for one shipped in
 `nanotrain/configs/`, or `--config path/to/file.toml`), and dotted overrides
 (`--model.n_layers=2 --train.lr=1e-3`). Everything is validated before any work
 starts; every problem is reported as a `ConfigError` with a one-line message.
+Every field is declared with `setting(default, description)`; `--help-config` prints each key
+with its description and its value in the chosen preset (docs/02-loss-and-train-loop.md).
 """
 
 from __future__ import annotations
@@ -35,24 +37,32 @@ class ConfigError(NanotrainError):
     """A configuration problem, described in one line that says how to fix it."""
 
 
+def setting(default, help: str):
+    """A config field with its one-line description, which --help-config prints beside the key."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
     """The Transformer's shape. `flavour` picks the mini-GPT or the LLaMA variant."""
 
-    flavour: Flavour = "llama"  # its architecture is `features` (flavours.py)
-    vocab_size: int = 32000  # load_config: unless set, the data's vocabulary (see follow_the_data)
-    max_position_embeddings: int = 2048  # longest sequence the model accepts
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 0  # 0 means "same as n_heads" (plain multi-head attention)
-    d_model: int = 256
-    d_ff: int = 768  # MLP hidden size (SwiGLU intermediate size for llama)
-    dropout: float = 0.0
-    rope_theta: float = 10000.0  # llama only
-    norm_eps: float = 1e-6  # RMSNorm eps (llama) / LayerNorm eps (gpt)
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-    activation_checkpointing: bool = False  # recompute each block in backward
+    flavour: Flavour = setting("llama", "llama: RoPE, RMSNorm, SwiGLU, grouped-query attention; "
+                                        "gpt: learned positions, LayerNorm, GELU, biases")
+    vocab_size: int = setting(32000, "rows of the token embedding; unless set, the data's vocabulary")
+    max_position_embeddings: int = setting(2048, "longest sequence the model accepts")
+    n_layers: int = setting(4, "transformer blocks")
+    n_heads: int = setting(8, "attention (query) heads")
+    n_kv_heads: int = setting(0, "key/value heads (grouped-query attention); 0 = n_heads")
+    d_model: int = setting(256, "width of the residual stream")
+    d_ff: int = setting(768, "MLP hidden size (SwiGLU intermediate size for llama)")
+    dropout: float = setting(0.0, "dropout of the embeddings, attention weights and block outputs; 0 = off")
+    rope_theta: float = setting(10000.0, "RoPE base (llama only)")
+    norm_eps: float = setting(1e-6, "RMSNorm eps (llama) / LayerNorm eps (gpt)")
+    tie_embeddings: bool = setting(False, "the output head shares the token embedding's weights")
+    init_std: float = setting(0.02, "standard deviation of the normal weight initialisation")
+    activation_checkpointing: bool = setting(False, "recompute each block in backward: less memory, more compute")
 
     @property
     def features(self) -> FlavourFeatures:
@@ -72,88 +82,92 @@ class ModelConfig:
 class DataConfig:
     """Where training tokens come from and how they are batched."""
 
-    source: Literal["stories", "tokens", "random"] = "stories"  # built-in corpus | prepared dir | random tokens
-    path: str = ""  # prepared dataset directory; setting it alone implies source = "tokens"
-    mode: Literal["packed", "padded"] = "packed"  # documents concatenated | one document per row
-    num_workers: int = 0  # DataLoader worker processes
-    stories_count: int = 6000  # documents the built-in corpus generates
-    stories_vocab_size: int = 1024  # tokenizer size trained on the built-in corpus (at most ~1700 fit its words)
-    stories_seed: int = 0  # seed of the built-in corpus (apart from train.seed: new runs, same text)
+    source: Literal["stories", "tokens", "random"] = setting(
+        "stories", "the built-in story corpus | a prepared dataset (data.path) | random tokens")
+    path: str = setting("", "prepared dataset directory (nanotrain.prepare); setting it alone implies source = tokens")
+    mode: Literal["packed", "padded"] = setting("packed", "documents concatenated into windows | one document per row")
+    num_workers: int = setting(0, "DataLoader worker processes")
+    stories_count: int = setting(6000, "documents the built-in corpus generates")
+    stories_vocab_size: int = setting(1024, "tokenizer size trained on the built-in corpus (at most ~1700 fit its words)")
+    stories_seed: int = setting(0, "seed of the built-in corpus (apart from train.seed: new runs, same text)")
 
 
 @dataclass
 class OptimConfig:
     """AdamW and the learning-rate schedule. The peak learning rate is `train.lr`."""
 
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    implementation: Literal["auto", "fused", "foreach", "for-loop"] = "auto"
+    weight_decay: float = setting(0.1, "AdamW weight decay of the weight matrices (not norms, biases, embeddings)")
+    beta1: float = setting(0.9, "AdamW decay of the gradient's running mean")
+    beta2: float = setting(0.95, "AdamW decay of the squared gradient's running mean")
+    eps: float = setting(1e-8, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
+    warmup_steps: int = setting(100, "steps of linear warm-up to train.lr")
+    min_lr_ratio: float = setting(0.1, "the cosine decays to train.lr x this at train.max_steps")
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = setting(
+        "auto", "AdamW kernel; auto = fused")
 
 
 @dataclass
 class TrainConfig:
     """The loop: how long, how big, how often to log and evaluate."""
 
-    out_dir: str = "runs/default"
-    max_steps: int = 1000
-    batch_size: int = 16  # sequences per process per micro-step
-    seq_len: int = 256
-    grad_accum_steps: int = 1
-    lr: float = 1e-3
-    seed: int = 1337
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
-    fused_loss: bool = True  # head + cross-entropy in row chunks: no (B, T, V) logits (loss.py)
-    tf32: bool = True  # TF32 matmuls on Ampere and newer GPUs
-    log_every: int = 10
-    eval_every: int = 100  # 0 disables periodic evaluation
-    eval_steps: int = 20  # batches per evaluation (split across processes)
-    # stop, or skip the update, when the loss or grad norm is not finite or the loss spikes
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    loss_spike_ratio: float = 2.0  # a loss above ~this multiple of the recent mean is a spike (divergence.py); 0 = off
-    max_consecutive_skips: int = 10  # stop after this many skipped updates in a row (fp16 overflows included)
-    peak_tflops: float = 0.0  # device peak for MFU; 0 = look up or measure
-    sample_prompts: list[str] = field(default_factory=lambda: ["Once upon a time"])
-    sample_tokens: int = 48  # tokens generated per prompt at each evaluation; 0 disables
-    # Checkpoint dir whose weights start a fresh run (e.g. one made by nanotrain.export); resume wins.
+    out_dir: str = setting("runs/default", "run directory: config.toml, metrics.jsonl, checkpoints/")
+    max_steps: int = setting(1000, "optimizer steps; the cosine schedule ends here")
+    batch_size: int = setting(16, "sequences per data-parallel rank per micro-step")
+    seq_len: int = setting(256, "tokens per sequence")
+    grad_accum_steps: int = setting(1, "micro-steps per optimizer step")
+    lr: float = setting(1e-3, "peak learning rate, reached after optim.warmup_steps")
+    seed: int = setting(1337, "seed of the weights, the data order and dropout")
+    device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto = cuda when a GPU is visible, else cpu")
+    precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "fp32, or bf16 / fp16 autocast (fp16 with a loss scaler)")
+    compile: bool = setting(False, "torch.compile the model")
+    fused_loss: bool = setting(True, "head + cross-entropy in row chunks: no (B, T, V) logits (loss.py)")
+    tf32: bool = setting(True, "TF32 matmuls on Ampere and newer GPUs")
+    log_every: int = setting(10, "steps between log lines")
+    eval_every: int = setting(100, "steps between evaluations; 0 disables periodic evaluation")
+    eval_steps: int = setting(20, "batches per evaluation (split across processes)")
+    on_nonfinite: Literal["stop", "skip"] = setting(
+        "stop", "a non-finite or spiking loss or grad norm stops the run, or skips the update")
+    loss_spike_ratio: float = setting(2.0, "a loss above ~this multiple of the recent mean is a spike "
+                                           "(divergence.py); 0 = off")
+    max_consecutive_skips: int = setting(10, "stop after this many skipped updates in a row (fp16 overflows included)")
+    peak_tflops: float = setting(0.0, "device peak for MFU; 0 = look up or measure")
+    sample_prompts: list[str] = setting(["Once upon a time"], "prompts completed at each evaluation")
+    sample_tokens: int = setting(48, "tokens generated per prompt at each evaluation; 0 disables")
     # Checked when used, not in validate(): a saved config must stay loadable after the dir is gone.
-    init_from: str = ""
+    init_from: str = setting("", "checkpoint dir whose weights start a fresh run (e.g. one made by "
+                                 "nanotrain.export); a resumed checkpoint wins")
 
 
 @dataclass
 class ParallelConfig:
     """How the model is spread across processes."""
 
-    strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # over the dp axis; auto = ddp when dp > 1
-    tp: int = 1  # tensor-parallel degree: processes that split each layer (dp = world // tp)
-    sequence_parallel: bool = False  # with tp > 1: norms and residual stream split by position too
-    reshard_after_forward: bool = True  # FSDP: free gathered params after forward
-    timeout_s: int = 300  # collective timeout: a stuck rank fails the job, never hangs it
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = setting(
+        "auto", "how the data-parallel ranks hold the model; auto = ddp when dp > 1")
+    tp: int = setting(1, "tensor-parallel degree: processes that split each layer (dp = world // tp)")
+    sequence_parallel: bool = setting(False, "with tp > 1: norms and residual stream split by position too")
+    reshard_after_forward: bool = setting(True, "FSDP: free gathered params after forward")
+    timeout_s: int = setting(300, "collective timeout: a stuck rank fails the job, never hangs it")
 
 
 @dataclass
 class CheckpointConfig:
     """When and where checkpoints are written, and what to resume from."""
 
-    interval: int = 0  # steps between checkpoints; 0 disables periodic saving
-    keep_last: int = 3
-    dir: str = ""  # default: <train.out_dir>/checkpoints
-    resume: str = "auto"  # "auto" | "none" | path to a checkpoint directory
-    on_preempt: bool = True  # save before exiting on SIGTERM / SIGINT
+    interval: int = setting(0, "steps between checkpoints; 0 disables periodic saving")
+    keep_last: int = setting(3, "checkpoints kept; older ones are deleted")
+    dir: str = setting("", "where checkpoints go; empty = <train.out_dir>/checkpoints")
+    resume: str = setting("auto", "auto = the newest complete checkpoint, if any | none | a checkpoint directory")
+    on_preempt: bool = setting(True, "save before exiting on SIGTERM / SIGINT")
 
 
 @dataclass
 class LogConfig:
     """Dashboards the run log writes to besides the console and metrics.jsonl (dashboards.py)."""
 
-    tensorboard: bool = False  # event files in <train.out_dir>/tensorboard; needs nanotrain[tensorboard]
-    wandb_project: str = ""  # Weights & Biases project; empty = off; needs nanotrain[wandb]
+    tensorboard: bool = setting(False, "event files in <train.out_dir>/tensorboard; needs nanotrain[tensorboard]")
+    wandb_project: str = setting("", "Weights & Biases project; empty = off; needs nanotrain[wandb]")
 
 
 @dataclass
@@ -186,6 +200,10 @@ def toml_value(value) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(value)  # strings and lists of strings: JSON quoting is valid TOML
+
+
+# --help-config aligns descriptions after the options up to this wide (a longer one pushes its own line's out)
+HELP_COLUMN = 44
 
 
 def _sections() -> dict[str, type]:
@@ -313,11 +331,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     """
     cfg = Config()
     path = _preset_path(name_or_path or DEFAULT_PRESET)
-    try:
-        table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
-    in_file, on_command_line = _apply_table(cfg, table, str(path)), set()
+    in_file, on_command_line = _apply_table(cfg, _read_toml(path), str(path)), set()
     for item in overrides or []:
         key, sep, value = item.removeprefix("--").partition("=")
         if not sep:
@@ -327,6 +341,18 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     follow_the_data(cfg, in_file, on_command_line)
     validate(cfg)
     return cfg
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); a TOML config must be saved as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
 
 
 def follow_the_data(cfg: Config, in_file: set[str], on_command_line: set[str]) -> None:
@@ -467,12 +493,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.n_kv_heads (grouped-query attention) is a {with_gqa} feature; leave it 0 for {m.flavour}")
 
 
-def describe_keys() -> str:
-    """One line per key with its default (and the allowed values of a Literal key), for --help-config."""
-    defaults = Config().to_dict()
-    def line(key: str) -> str:
-        section, name = key.split(".")
-        allowed = f"  (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
-        return f"  --{key}={toml_value(defaults[section][name])}{allowed}"
-    return "\n".join(line(key) for key in all_keys())
+def describe_keys(cfg: Config | None = None) -> str:
+    """--help-config: every key with its value in `cfg`, its description and a Literal key's allowed values.
 
+    Grouped by section, each headed by its dataclass's docstring. `cfg` is the run's config (the
+    chosen preset with any overrides), so the values are the ones a run would use; by default the
+    default preset's, what a bare `python -m nanotrain.train` runs.
+    """
+    values, rows = (cfg or load_config(DEFAULT_PRESET)).to_dict(), []
+    for section, cls in _sections().items():
+        rows.append((f"[{section}]", (cls.__doc__ or "").split("\n")[0]))
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            allowed = f" (one of {', '.join(CHOICES[key])})" if key in CHOICES else ""
+            rows.append((f"  --{key}={toml_value(values[section][f.name])}", f.metadata["help"] + allowed))
+    width = max(len(option) for option, _ in rows if len(option) <= HELP_COLUMN)
+    return "\n".join(f"{option:<{width}}  {text}" for option, text in rows)

@@ -43,12 +43,13 @@ def help_epilog() -> str:
     return "\n".join([
         "presets (--config NAME):", *presets, "",
         f"most used keys (values of the '{DEFAULT_PRESET}' preset):", *keys, "",
-        "--help-config lists every key and its default; the run's resolved config is <train.out_dir>/config.toml",
+        "--help-config lists every key with its description; the run's resolved config is <train.out_dir>/config.toml",
     ])
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
-    """Split the command line into a preset, dotted overrides (`--a.b=v` or `--a.b v`) and --print-config."""
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Split the command line into its options (--config, --print-config, --help-config) and dotted
+    overrides (`--a.b=v` or `--a.b v`)."""
     parser = ArgumentParser(
         prog="python -m nanotrain.train",
         description="Train a language model. Any config field can be overridden as --section.key=value.",
@@ -56,14 +57,13 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
         formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the epilog's one-entry-per-line layout
     )
     parser.add_argument("--config", help="preset name or path to a .toml file (default: 'default')")
-    parser.add_argument("--help-config", action="store_true", help="list every config key and its default")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its description and its value in the chosen preset "
+                             "(with any overrides), then exit")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (what config.toml would hold) as TOML, then exit "
                              "without training")
     args, rest = parser.parse_known_args(argv)
-    if args.help_config:
-        print(describe_keys())
-        raise SystemExit(0)
     overrides, i = [], 0
     while i < len(rest):
         item = rest[i]
@@ -73,18 +73,20 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
             item, i = f"{item}={rest[i + 1]}", i + 1
         overrides.append(item)
         i += 1
-    return args.config, overrides, args.print_config
+    return args, overrides
 
 
 @distributed.torchrun_entry  # under torchrun: the failing rank's traceback in the job summary; a clean exit
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    preset, overrides, print_config = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(preset, overrides)
-    if print_config:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(args.config, overrides)
+    if args.help_config:
+        print(describe_keys(cfg))
+    elif args.print_config:
         sys.stdout.write(cfg.to_toml())
-        return
-    train(cfg)
+    else:
+        train(cfg)
 
 
 if __name__ == "__main__":

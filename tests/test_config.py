@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from nanotrain.config import ConfigError, load_config, preset_names
+from nanotrain.config import Config, ConfigError, all_keys, describe_keys, load_config, preset_names
 
 
 def test_presets_load_and_validate():
@@ -113,3 +113,49 @@ def test_non_finite_number_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: optim.grad_clip must be a finite number, got nan (0 disables clipping)"]
     assert not any(tmp_path.iterdir())  # refused before the run directory was made
+
+
+# ---- --help-config: the chosen preset's values, a description for every key ----------------------
+
+def help_config_lines(text: str) -> dict[str, tuple[str, str]]:
+    """--help-config's key lines: dotted key -> (value, description)."""
+    lines = {}
+    for line in text.splitlines():
+        if line.startswith("  --"):
+            option, _, description = line.strip().partition("  ")
+            key, _, value = option.removeprefix("--").partition("=")
+            lines[key] = (value, description.strip())
+    return lines
+
+
+def test_help_config_describes_every_key_with_the_chosen_presets_values():
+    proc = subprocess.run([sys.executable, "-m", "nanotrain.train", "--config", "gpt-mini", "--train.lr=5e-4",
+                           "--help-config"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    lines = help_config_lines(proc.stdout)
+    assert sorted(lines) == sorted(all_keys())
+    assert all(description for _, description in lines.values())
+    # the preset's values, and the command line's, not the dataclass defaults (llama, 32000, runs/default)
+    assert lines["model.flavour"][0] == '"gpt"' and lines["model.vocab_size"][0] == "10000"
+    assert lines["train.out_dir"][0] == '"runs/gpt-mini"' and lines["train.lr"][0] == "0.0005"
+    assert lines["model.n_layers"][1] == "transformer blocks"
+    assert "[model]" in proc.stdout.splitlines()[0]  # sections are headed
+    bare = help_config_lines(describe_keys())  # what a bare `python -m nanotrain.train` runs
+    assert bare["train.max_steps"][0] == str(load_config(None).train.max_steps) != str(Config().train.max_steps)
+
+
+# ---- a config file that is not UTF-8 text ---------------------------------------------------------
+
+@pytest.mark.parametrize("content, byte, offset", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "0x89", 0),  # a binary file
+    ('[train]\nout_dir = "caf\u00e9"\n'.encode("latin-1"), "0xe9", 22),  # latin-1 text
+])
+def test_a_config_file_that_is_not_utf8_is_one_line_and_exit_2(tmp_path, content, byte, offset):
+    path = tmp_path / "run.toml"
+    path.write_bytes(content)
+    proc = subprocess.run([sys.executable, "-m", "nanotrain.train", "--config", str(path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"error: config file '{path}' is not UTF-8 text (byte {byte} at offset "
+                                        f"{offset}); a TOML config must be saved as UTF-8"]
+    assert sorted(tmp_path.iterdir()) == [path]  # refused before the run directory was made

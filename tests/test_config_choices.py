@@ -49,10 +49,10 @@ def test_an_unknown_choice_and_gqa_for_gpt_keep_their_messages():
 
 
 def test_help_config_lists_the_allowed_values():
-    lines = describe_keys().splitlines()
-    assert '  --train.precision="fp32"  (one of fp32, bf16, fp16)' in lines
-    assert '  --model.flavour="llama"  (one of llama, gpt)' in lines
-    assert "  --model.n_layers=4" in lines  # keys that are not Literal show their default only
+    lines = {line.split()[0]: line for line in describe_keys().splitlines()}
+    assert lines['--train.precision="fp32"'].endswith("(one of fp32, bf16, fp16)")
+    assert lines['--model.flavour="llama"'].endswith("(one of llama, gpt)")
+    assert "one of" not in lines["--model.n_layers=4"]  # keys that are not Literal show their value and description
 
 
 @pytest.mark.parametrize("module, option, key", [
