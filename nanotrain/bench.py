@@ -1,26 +1,34 @@
 """Side-by-side training throughput: nanotrain against what a user would write instead.
 
-    python -m nanotrain.bench [--config tinystories-20m] [--seq_len 256] [--batch_size 8]
-                              [--steps 3] [--rounds 5] [--precision fp32] [--compile] [--profile]
+    python -m nanotrain.bench [--config tinystories-20m] [--shape llama-125m] [--seq_len 256]
+                              [--batch_size 8] [--steps 3] [--rounds 5] [--precision fp32]
+                              [--compile] [--reference auto|none] [--profile] [--json FILE]
 
 In one process, on one batch, it times full training steps (forward, loss, backward, clip,
 AdamW step) of nanotrain's model and of a reference trained by a plain PyTorch loop:
 - llama flavour: Hugging Face transformers' `LlamaForCausalLM` holding the same weights (the
   first losses of both sides are printed: equal losses show both do the same work);
-- gpt flavour: `ReferenceGPT` below, a plain mini-GPT of the same shape.
+- gpt flavour: `ReferenceGPT` below, a plain mini-GPT of the same shape;
+- `--reference none`: nanotrain alone (tokens/s, MFU, peak memory), e.g. for a model too large
+  to time twice in the time at hand.
 The two sides alternate, `--steps` steps each per round, the first round is a warm-up, and
 the medians over rounds are reported, so a machine's changing load hits both sides alike.
 Both sides share the process and its settings (threads, allocator); nanotrain runs the training
 loop's own `train_step` (fused loss, AdamW kernel per optim.implementation, and the one host sync
 per step that reads the loss and gradient norm), the reference torch's defaults
 (`torch.optim.AdamW(params, lr)`, mean loss from the model).
+`--shape` replaces the preset's model with a named shape (BENCH_SHAPES); `--profile` adds the
+top kernels (CUDA) or ops (CPU) of one step per side and their share of the step's time;
+`--json` writes every figure to a file (nanotrain/gpu_check.py reads it). docs/08-performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -29,13 +37,23 @@ import torch.nn.functional as F
 from nanotrain import distributed
 from nanotrain.config import CHOICES, ModelConfig, load_config
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
-from nanotrain.metrics import device_peak_tflops, peak_memory
+from nanotrain.metrics import SpeedMeter, device_peak_tflops, peak_memory
 from nanotrain.hf import LLAMA_FEATURES, hf_llama_config, hf_llama_name
 from nanotrain.model import build_model, flops_per_token
 from nanotrain.optim import build_optimizer
 from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
 from nanotrain.train_step import train_step
+
+
+# Model shapes to benchmark that no preset holds, as model overrides on top of --config.
+BENCH_SHAPES = {
+    # GPT-2 small's trunk (12 layers x 768, 12 heads of 64, tied embeddings, nanoGPT's 50,304-token
+    # vocabulary) as a llama (RoPE, RMSNorm, SwiGLU with d_ff 2048): 123,587,328 parameters.
+    "llama-125m": ["--model.flavour=llama", "--model.vocab_size=50304", "--model.d_model=768",
+                   "--model.n_layers=12", "--model.n_heads=12", "--model.n_kv_heads=12", "--model.d_ff=2048",
+                   "--model.tie_embeddings=true", "--model.max_position_embeddings=1024"],
+}
 
 
 class ReferenceGPT(nn.Module):
@@ -172,6 +190,7 @@ def reference_side(name: str, model: nn.Module, cfg, dims: ParallelDims, precisi
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m nanotrain.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="tinystories-20m", help="preset name or .toml path (model shape)")
+    parser.add_argument("--shape", choices=sorted(BENCH_SHAPES), help="a model shape of BENCH_SHAPES instead of the preset's")
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per side per round")
@@ -179,20 +198,51 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision", default="fp32", choices=CHOICES["train.precision"])
     parser.add_argument("--compile", action="store_true", help="torch.compile each block, both sides")
     parser.add_argument("--device", default="auto", choices=CHOICES["train.device"])
-    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table per side")
+    parser.add_argument("--reference", default="auto", choices=["auto", "none"],
+                        help="auto: HF LlamaForCausalLM (llama) or ReferenceGPT (gpt); none: nanotrain alone")
+    parser.add_argument("--profile", action="store_true",
+                        help="also show the top kernels (CUDA) or ops (CPU) of one step per side and their share")
+    parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--reference_fused_adamw", action="store_true",
                         help="give the reference torch's fused AdamW too (compares model + loss alone)")
     return parser.parse_args(argv)
 
 
-def profile_table(side: Side, rows: int = 12) -> str:
+def self_time_us(event, on_device: bool) -> float:
+    """An averaged profiler event's own time in microseconds, on the device or on the CPU."""
+    if not on_device:
+        return event.self_cpu_time_total
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def profile_summary(side: Side, on_cuda: bool, rows: int = 10) -> list[dict]:
+    """One profiled step of `side`: its top kernels (CUDA) or ops (CPU) by own time, with their share.
+
+    On CUDA the rows are GPU kernels and the share is of all kernel time in the step; on CPU they
+    are operators and the share is of all operators' own CPU time.
+    """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, profile_memory=True) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    with profile(activities=activities) as prof:
         side.step_fn()
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+        if on_cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages()
+              if (e.device_type == DeviceType.CUDA) == on_cuda and self_time_us(e, on_cuda) > 0]
+    total = sum(self_time_us(e, on_cuda) for e in events) or 1.0
+    events.sort(key=lambda e: self_time_us(e, on_cuda), reverse=True)
+    return [{"name": e.key, "share_pct": 100.0 * self_time_us(e, on_cuda) / total,
+             "ms": self_time_us(e, on_cuda) / 1000.0, "calls": e.count} for e in events[:rows]]
+
+
+def format_profile(side_name: str, summary: list[dict], on_cuda: bool) -> str:
+    what = "GPU kernels, share of all kernel time" if on_cuda else "operators, share of all operators' CPU time"
+    lines = [f"profile of one {side_name} step, top {len(summary)} {what}:"]
+    lines += [f"  {row['share_pct']:5.1f}%  {row['ms']:9.3f} ms  {row['calls']:>5}x  {row['name'][:90]}"
+              for row in summary]
+    return "\n".join(lines)
 
 
 @exit_on_error
@@ -201,12 +251,14 @@ def main(argv=None) -> None:
     if args.steps < 1 or args.rounds < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise NanotrainError("--steps, --rounds and --batch_size must be >= 1 and --seq_len >= 2")
     cfg = load_config(args.config, [
+        *BENCH_SHAPES.get(args.shape, []),
         f"--train.seq_len={args.seq_len}", f"--train.batch_size={args.batch_size}",
         f"--train.precision={args.precision}", f"--train.compile={str(args.compile).lower()}",
         f"--train.device={args.device}", "--model.dropout=0.0",
     ])
     dims = ParallelDims.single_process(distributed.pick_device(cfg.train.device, 0))
     if dims.device.type == "cuda":
+        torch.cuda.set_device(dims.device)
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     precision = Precision(cfg.train.precision, dims.device, dims.strategy)
@@ -215,22 +267,27 @@ def main(argv=None) -> None:
                           generator=torch.Generator().manual_seed(0)).to(dims.device)
 
     ours = build_model(m, seed=0)
-    if m.features == LLAMA_FEATURES:  # what LlamaForCausalLM implements; otherwise a plain GPT
-        reference = reference_side("HF LlamaForCausalLM", hf_llama_with_weights_of(ours, m), cfg, dims, precision, batch,
-                                   args.reference_fused_adamw)
-    else:
+    sides = []
+    if args.reference == "auto" and m.features == LLAMA_FEATURES:  # what LlamaForCausalLM implements
+        sides.append(reference_side("HF LlamaForCausalLM", hf_llama_with_weights_of(ours, m), cfg, dims, precision,
+                                    batch, args.reference_fused_adamw))
+    elif args.reference == "auto":  # otherwise a plain GPT
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            reference = reference_side("ReferenceGPT", ReferenceGPT(m), cfg, dims, precision, batch,
-                                       args.reference_fused_adamw)
-    sides = [nanotrain_side(ours, cfg, dims, precision, batch), reference]
+            sides.append(reference_side("ReferenceGPT", ReferenceGPT(m), cfg, dims, precision, batch,
+                                        args.reference_fused_adamw))
+    sides.insert(0, nanotrain_side(ours, cfg, dims, precision, batch))
 
     tokens_per_step = args.batch_size * args.seq_len
     flops = flops_per_token(m, args.seq_len)
     peak, peak_source = device_peak_tflops(dims.device, args.precision, cfg.train.tf32)
+    meter = SpeedMeter(dims.device, 1, tokens_per_step, flops, peak, peak_source)  # MFU never above 100%
     threads = f", {torch.get_num_threads()} threads" if dims.device.type == "cpu" else ""
-    print(f"bench: {args.config} ({m.flavour}) | batch {args.batch_size} x seq {args.seq_len} | {args.precision}"
-          f"{' + compile' if args.compile else ''} | {dims.device}{threads} | torch {torch.__version__}")
+    gpu = f" ({torch.cuda.get_device_name(dims.device)})" if dims.device.type == "cuda" else ""
+    model_name = args.shape or args.config
+    print(f"bench: {model_name} ({m.flavour}, {sum(p.numel() for p in ours.parameters()):,} parameters) | "
+          f"batch {args.batch_size} x seq {args.seq_len} | {args.precision}{' + compile' if args.compile else ''} | "
+          f"{dims.device}{gpu}{threads} | torch {torch.__version__}")
     print(f"peak {peak:.3g} TFLOP/s ({peak_source}) | {flops / 1e6:.1f} MFLOP per token" if peak
           else f"peak unknown ({peak_source})")
 
@@ -246,26 +303,42 @@ def main(argv=None) -> None:
                 side.round_tokens_per_sec.append(figures[side.name])
 
     print("first-step loss: " + " | ".join(f"{s.name} {s.first_loss:.4f}" for s in sides))
+    report = {"model": model_name, "flavour": m.flavour, "parameters": sum(p.numel() for p in ours.parameters()),
+              "batch_size": args.batch_size, "seq_len": args.seq_len, "precision": args.precision,
+              "compile": args.compile, "device": str(dims.device), "gpu": gpu.strip(" ()"),
+              "torch": torch.__version__, "flops_per_token": flops, "sides": []}
     for side in sides:
         tps = statistics.median(side.round_tokens_per_sec)
-        mfu = f" | MFU {100 * tps * flops / (peak * 1e12):.1f}%" if peak else ""
+        mfu = meter.mfu_pct(tps * flops / 1e12)
         cpu = ""
         if dims.device.type == "cpu":
             cpu = (f" | {side.cpu_seconds / side.steps_run:.2f} CPU-s/step"
                    f" | {side.page_faults / side.steps_run:,.0f} page faults/step")
-        print(f"{side.name:>20}: {tps:>10,.0f} tok/s (median of {args.rounds}){mfu}{cpu}")
-    per_round = [a / b for a, b in zip(sides[0].round_tokens_per_sec, sides[1].round_tokens_per_sec)]
-    ratio = statistics.median(per_round)
-    print(f"nanotrain / {sides[1].name}: {ratio:.2f}x (median of per-round ratios; "
-          f"range {min(per_round):.2f}-{max(per_round):.2f})")
+        print(f"{side.name:>20}: {tps:>10,.0f} tok/s (median of {args.rounds})"
+              f"{f' | MFU {mfu:.1f}%' if mfu is not None else ''}{cpu}")
+        report["sides"].append({"name": side.name, "tokens_per_sec": tps, "mfu_pct": mfu, "first_loss": side.first_loss,
+                                "peak_mem_gib": side.peak_mem_gib if dims.device.type == "cuda" else None})
+    report["peak_tflops"], report["peak_source"] = meter.peak_tflops, meter.peak_source
+    if len(sides) == 2:
+        per_round = [a / b for a, b in zip(sides[0].round_tokens_per_sec, sides[1].round_tokens_per_sec)]
+        ratio = statistics.median(per_round)
+        print(f"nanotrain / {sides[1].name}: {ratio:.2f}x (median of per-round ratios; "
+              f"range {min(per_round):.2f}-{max(per_round):.2f})")
+        report["ratio"], report["ratio_range"] = ratio, [min(per_round), max(per_round)]
     if dims.device.type == "cuda":
         print("peak memory (CUDA max allocated): " + " | ".join(f"{s.name} {s.peak_mem_gib:.2f} GiB" for s in sides))
     else:
         memory_gib, _ = peak_memory(dims.device)
-        print(f"peak memory {memory_gib:.2f} GiB (process peak RSS, both sides together)")
+        print(f"peak memory {memory_gib:.2f} GiB (process peak RSS{', both sides together' if len(sides) == 2 else ''})")
+        report["process_peak_rss_gib"] = memory_gib
     if args.profile:
+        report["profile"] = {}
         for side in sides:
-            print(f"\nprofile of one {side.name} step:\n{profile_table(side)}")
+            summary = profile_summary(side, dims.device.type == "cuda")
+            report["profile"][side.name] = summary
+            print("\n" + format_profile(side.name, summary, dims.device.type == "cuda"))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

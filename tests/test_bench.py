@@ -1,11 +1,15 @@
 """nanotrain.bench times nanotrain against HF Llama / a reference GPT in one process and reports the ratio."""
 
+import json
 import re
 
 import pytest
+import torch
 
 from nanotrain import bench
-from nanotrain.bench import main
+from nanotrain.bench import BENCH_SHAPES, main
+from nanotrain.config import load_config
+from nanotrain.model import Transformer
 
 TINY_MODEL = """
 [model]
@@ -64,3 +68,23 @@ def test_bad_arguments_give_one_line_errors(capsys):
     with pytest.raises(SystemExit):
         main(["--config", "no-such-preset"])
     assert "error: " in capsys.readouterr().err
+
+
+def test_nanotrain_alone_with_a_profile_summary_and_a_json_report(tmp_path, capsys):
+    report_file = tmp_path / "bench.json"
+    out = run_bench(tmp_path, capsys, "llama", 2, "--reference", "none", "--profile", "--json", str(report_file))
+    report = json.loads(report_file.read_text())
+    assert [side["name"] for side in report["sides"]] == ["nanotrain"] and "ratio" not in report
+    assert report["sides"][0]["tokens_per_sec"] > 0 and 0 < report["sides"][0]["mfu_pct"] <= 100
+    rows = report["profile"]["nanotrain"]
+    assert 0 < len(rows) <= 10 and 0 < sum(row["share_pct"] for row in rows) <= 100.0 + 1e-9
+    assert [row["share_pct"] for row in rows] == sorted((row["share_pct"] for row in rows), reverse=True)
+    assert "profile of one nanotrain step, top" in out and "HF LlamaForCausalLM" not in out
+
+
+def test_the_125m_llama_shape():
+    cfg = load_config("tinystories-20m", BENCH_SHAPES["llama-125m"])
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = Transformer(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) == 123_587_328
+    assert cfg.model.head_dim == 64 and cfg.model.kv_heads == cfg.model.n_heads  # flash attention's favourite shape
