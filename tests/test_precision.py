@@ -52,6 +52,14 @@ def test_precision_in_force_is_described():
         Precision("fp16", CPU.device, "none")
 
 
+def test_bf16_on_a_gpu_that_could_only_emulate_it_is_refused(monkeypatch):
+    # torch.cuda.is_bf16_supported() says True on a V100 (it counts emulation); nanotrain asks for native bf16.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    with pytest.raises(ConfigError, match="Tesla V100-SXM2-16GB has no native bf16 .* use train.precision=fp16"):
+        Precision("bf16", torch.device("cuda"), "none")
+
+
 def test_fp16_grad_scaler_skips_a_step_with_an_infinite_gradient(tmp_path, monkeypatch, capsys):
     # torch runs fp16 autocast and GradScaler on CPU; nanotrain allows fp16 on CUDA only, so the
     # test widens that to reach the loop's skip-and-log path on this CPU-only machine.
