@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # N processes on this machine's CPU, gloo backend (a laptop, or trying DDP/FSDP without GPUs).
 #   bash launch/cpu.sh [N] [--section.key=value ...]          N defaults to 2
-#   bash launch/cpu.sh 2 --parallel.strategy=fsdp --train.max_steps=50
+#   bash launch/cpu.sh                                        # DDP, 2 processes: runs/default-ddp2
+#   bash launch/cpu.sh 4 --parallel.strategy=fsdp --train.max_steps=50    # FSDP2, 4 processes: runs/default-fsdp4
+# Unless --train.out_dir is given, the run directory is named after the preset and the layout, so
+# rerunning a command resumes its run.
 set -euo pipefail
 NPROC=2
 if [[ "${1:-}" =~ ^[0-9]+$ ]]; then

@@ -7,7 +7,9 @@
 # DEVICE=cpu (default cuda) trains on CPU with gloo, one process per node unless NPROC_PER_NODE says
 # otherwise: two "nodes" on one machine, started concurrently, simulate a multi-node job
 # (docs/14-multi-node.md):
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 DEVICE=cpu bash launch/multinode.sh   # and NODE_RANK=1
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 DEVICE=cpu bash launch/multinode.sh \
+#     --train.out_dir=runs/two-nodes --train.max_steps=50                 # and the same with NODE_RANK=1
+# (its layout, DDP over 2 processes, is launch/cpu.sh's: a run directory of its own keeps it apart)
 set -euo pipefail
 require() {
   if [[ -z ${!1:-} ]]; then
@@ -26,6 +28,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 DEVICE=${DEVICE:-cuda}
 if [[ $DEVICE == cpu ]]; then
   NPROC_PER_NODE=${NPROC_PER_NODE:-1}
+  # several "nodes" on one machine would each start as many threads as there are cores
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 else
   NPROC_PER_NODE=${NPROC_PER_NODE:-$(nvidia-smi -L | wc -l)}
 fi

@@ -4,7 +4,7 @@
 #   bash launch/tp.sh N TP [--section.key=value ...]
 # Data parallelism over the remaining N/TP is DDP unless you pass --parallel.strategy=fsdp, e.g.
 #   bash launch/tp.sh 8 2 --config tinystories-20m --parallel.strategy=fsdp     # FSDP 4 x TP 2
-#   DEVICE=cpu bash launch/tp.sh 2 2                                            # TP 2 on a CPU (gloo)
+#   DEVICE=cpu bash launch/tp.sh 4 2 --train.max_steps=50                       # DDP 2 x TP 2 on a CPU (gloo)
 set -euo pipefail
 if [[ ! "${1:-}" =~ ^[0-9]+$ || ! "${2:-}" =~ ^[0-9]+$ ]]; then
   echo "error: launch/tp.sh: give the number of processes and the tensor-parallel degree first, e.g. bash launch/tp.sh 8 2" >&2

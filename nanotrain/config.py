@@ -7,6 +7,8 @@ the dataclass defaults below, a TOML preset (`--config NAME` for one shipped in
 starts; every problem is reported as a `ConfigError` with a one-line message.
 Every field is declared with `setting(default, description)`; `--help-config` prints each key
 with its description and its value in the chosen preset (docs/02-loss-and-train-loop.md).
+A run that sets no `train.out_dir` (the presets do not) trains in a directory named after its
+preset and its layout under torchrun, `default_out_dir` (README, "Where a run goes").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -111,7 +114,8 @@ class OptimConfig:
 class TrainConfig:
     """The loop: how long, how big, how often to log and evaluate."""
 
-    out_dir: str = setting("runs/default", "run directory: config.toml, metrics.jsonl, checkpoints/")
+    out_dir: str = setting("runs/default", "run directory; unset: runs/<preset>, with the layout under torchrun "
+                                            "(runs/default-ddp2)")
     max_steps: int = setting(1000, "optimizer steps; the cosine schedule ends here")
     batch_size: int = setting(16, "sequences per data-parallel rank per micro-step")
     seq_len: int = setting(256, "tokens per sequence")
@@ -338,6 +342,12 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
             raise ConfigError(f"override '{item}' must look like --section.key=value")
         _apply(cfg, key, value)
         on_command_line.add(key)
+    if "train.out_dir" not in in_file | on_command_line:
+        p = cfg.parallel
+        # torchrun sets WORLD_SIZE before the process starts, so the layout, and with it the run
+        # directory, is known here, before any process group: --print-config and config.toml show it.
+        dp = max(int(os.environ.get("WORLD_SIZE", "1")) // p.tp, 1)
+        cfg.train.out_dir = default_out_dir(path.stem, p.strategy, dp, p.tp, p.sequence_parallel)
     follow_the_data(cfg, in_file, on_command_line)
     validate(cfg)
     return cfg
@@ -353,6 +363,25 @@ def _read_toml(path: Path) -> dict:
                           f"{e.start}); a TOML config must be saved as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"config file '{path}' cannot be read ({e.strerror})") from None
+
+
+def default_out_dir(preset: str, strategy: str, dp: int, tp: int, sequence_parallel: bool) -> str:
+    """The run directory of a run whose train.out_dir is not set: named after its preset and layout.
+
+    `runs/<preset>` for one process; for several, the data-parallel strategy and degree, then the
+    tensor-parallel degree and `sp` for sequence parallelism: runs/default-ddp2,
+    runs/default-fsdp2-tp2, runs/default-tp2-sp. Rerunning a command resumes its run, and a
+    command of another layout starts its own instead of resuming, or being refused by, another's.
+    `strategy` is parallel.strategy as configured: auto is ddp over several data-parallel ranks.
+    """
+    if strategy == "auto":
+        strategy = "ddp" if dp > 1 else "none"
+    layout = [f"{strategy}{dp}"] if strategy != "none" else []
+    if tp > 1:
+        layout.append(f"tp{tp}")
+    if sequence_parallel:
+        layout.append("sp")
+    return f"runs/{'-'.join([preset, *layout])}"
 
 
 def follow_the_data(cfg: Config, in_file: set[str], on_command_line: set[str]) -> None:

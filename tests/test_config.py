@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from nanotrain.config import Config, ConfigError, all_keys, describe_keys, load_config, preset_names
+from nanotrain.config import Config, ConfigError, all_keys, default_out_dir, describe_keys, load_config, preset_names
+from nanotrain.train import main
 
 
 def test_presets_load_and_validate():
@@ -142,6 +143,46 @@ def test_help_config_describes_every_key_with_the_chosen_presets_values():
     assert "[model]" in proc.stdout.splitlines()[0]  # sections are headed
     bare = help_config_lines(describe_keys())  # what a bare `python -m nanotrain.train` runs
     assert bare["train.max_steps"][0] == str(load_config(None).train.max_steps) != str(Config().train.max_steps)
+
+
+# ---- the run directory of a run that does not name one --------------------------------------------
+
+@pytest.mark.parametrize("strategy, dp, tp, sequence_parallel, expected", [
+    ("auto", 1, 1, False, "runs/default"),
+    ("auto", 2, 1, False, "runs/default-ddp2"),
+    ("fsdp", 2, 1, False, "runs/default-fsdp2"),
+    ("auto", 1, 2, False, "runs/default-tp2"),
+    ("fsdp", 2, 2, False, "runs/default-fsdp2-tp2"),
+    ("auto", 2, 2, True, "runs/default-ddp2-tp2-sp"),
+    ("ddp", 1, 1, False, "runs/default-ddp1"),  # one torchrun process told to use DDP: not the plain run
+])
+def test_default_run_directory_is_named_after_the_preset_and_the_layout(strategy, dp, tp, sequence_parallel, expected):
+    assert default_out_dir("default", strategy, dp, tp, sequence_parallel) == expected
+
+
+def test_an_unset_out_dir_follows_the_launched_layout_and_a_set_one_is_kept(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert load_config(None).train.out_dir == "runs/default"
+    assert load_config("gpt-mini").train.out_dir == "runs/gpt-mini"
+    monkeypatch.setenv("WORLD_SIZE", "4")  # as torchrun --nproc_per_node=4 sets it
+    assert load_config(None).train.out_dir == "runs/default-ddp4"
+    assert load_config(None, ["--parallel.tp=2", "--parallel.strategy=fsdp"]).train.out_dir == "runs/default-fsdp2-tp2"
+    assert load_config(None, ["--train.out_dir=mine"]).train.out_dir == "mine"
+    own = tmp_path / "small.toml"
+    own.write_text("[train]\nmax_steps = 5\n")
+    assert load_config(str(own)).train.out_dir == "runs/small-ddp4"  # a config file is a preset named after it
+    own.write_text('[train]\nout_dir = "there"\n')
+    assert load_config(str(own)).train.out_dir == "there"
+    saved = tmp_path / "config.toml"  # a run's saved config names its directory: resuming it under any launch finds it
+    saved.write_text(load_config(None, ["--parallel.tp=2"]).to_toml())
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert load_config(str(saved)).train.out_dir == "runs/default-ddp2-tp2"
+
+
+def test_print_config_shows_the_run_directory_of_the_launched_layout(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    main(["--print-config", "--parallel.tp=2"])
+    assert 'out_dir = "runs/default-tp2"\n' in capsys.readouterr().out
 
 
 # ---- a config file that is not UTF-8 text ---------------------------------------------------------
