@@ -60,11 +60,12 @@ def test_bf16_on_a_gpu_that_could_only_emulate_it_is_refused(monkeypatch):
         Precision("bf16", torch.device("cuda"), "none")
 
 
-def test_fp16_grad_scaler_skips_a_step_with_an_infinite_gradient(tmp_path, monkeypatch, capsys):
-    # torch runs fp16 autocast and GradScaler on CPU; nanotrain allows fp16 on CUDA only, so the
-    # test widens that to reach the loop's skip-and-log path on this CPU-only machine.
-    monkeypatch.setattr(precision_module, "FP16_DEVICE_TYPES", ("cuda", "cpu"))
-    poisoned_step = 4
+def poison_one_gradient(monkeypatch, poisoned_step: int) -> dict:
+    """Make train() build a model whose head gradient is all inf in optimizer step `poisoned_step`.
+
+    Returns {"before": ..., "after": ...}: the final norm's weight just before that step's
+    backward and during the next step's backward, when the skipped update would have shown.
+    """
     backward_calls = {"n": 0}
     weights = {}
 
@@ -84,13 +85,25 @@ def test_fp16_grad_scaler_skips_a_step_with_an_infinite_gradient(tmp_path, monke
         return model
 
     monkeypatch.setattr(trainer_module, "build_model", build_poisoned_model)
-    result = run(tmp_path, "fp16", "--train.max_steps=6", "--train.precision=fp16")
-    out = capsys.readouterr().out
+    return weights
+
+
+def check_the_poisoned_step_was_skipped(out: str, weights: dict, model, poisoned_step: int) -> None:
     skip = re.search(rf"step {poisoned_step}: fp16 gradients overflowed, update skipped \(loss scale (\d+) -> (\d+)\)", out)
     assert skip and int(skip[1]) == 2 * int(skip[2]), out  # logged, and the scale halved
     assert "dynamic GradScaler" in out  # the precision line at start
     assert torch.equal(weights["before"], weights["after"]), "the overflowed step still changed the weights"
-    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fp16_grad_scaler_skips_a_step_with_an_infinite_gradient(tmp_path, monkeypatch, capsys):
+    # torch runs fp16 autocast and GradScaler on CPU; nanotrain allows fp16 on CUDA only, so the
+    # test widens that to reach the loop's skip-and-log path on this CPU-only machine
+    # (tests/test_cuda.py runs the same on a GPU).
+    monkeypatch.setattr(precision_module, "FP16_DEVICE_TYPES", ("cuda", "cpu"))
+    weights = poison_one_gradient(monkeypatch, poisoned_step=4)
+    result = run(tmp_path, "fp16", "--train.max_steps=6", "--train.precision=fp16", "--train.device=cpu")
+    check_the_poisoned_step_was_skipped(capsys.readouterr().out, weights, result.model, poisoned_step=4)
 
 
 def backward_grads(model, ids, seed=0):
