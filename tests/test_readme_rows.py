@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from nanotrain.checkpoint_files import list_checkpoints
-from nanotrain.config import load_config
+from nanotrain.config import load_config, tomllib  # tomllib, or tomli on Python 3.10
 from test_checkpoint import REPO, SUBPROCESS_TIMEOUT, subprocess_env
 
 SMALL = [
@@ -66,3 +66,10 @@ def test_readme_rows_typed_in_order_each_train_in_a_run_of_their_own(tmp_path):
     assert sorted(os.listdir(clone / "runs")) == sorted(Path(run_dir).name for _, run_dir in ROWS)
     for _, run_dir in ROWS:
         assert [step for step, _ in list_checkpoints(clone / run_dir / "checkpoints")] == [4, 2]
+
+
+def test_readme_names_the_console_scripts_and_the_cpu_thread_setting():
+    readme = (REPO / "README.md").read_text()
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts and all(f"`{name}`" in readme for name in scripts)
+    assert "OMP_NUM_THREADS=1" in readme and "idle 2-core CPU" in readme
