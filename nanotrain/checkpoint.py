@@ -22,13 +22,17 @@ verification live in checkpoint_files.py, loading pickles safely in safe_loading
 
 Atomicity: everything is written into `step_00000100.tmp-<pid>`, synced, then renamed; a
 directory without a manifest is never picked up. Old checkpoints beyond keep_last are deleted
-only after the new one is in place.
+only after the new one is in place. A disk without room for a checkpoint (`checkpoint_bytes`)
+is refused at start and before each save; a write that fails anyway (disk full) stops every
+rank with one line naming the directory and the space needed, and leaves nothing behind.
+docs/09-checkpointing.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -50,7 +54,9 @@ from nanotrain.config import Config, load_config
 from nanotrain.errors import NanotrainError
 from nanotrain.files import fsync, publish, remove_stale_temporaries, temp_directory
 from nanotrain.parallel_dims import ParallelDims
-from nanotrain.safe_loading import dcp_failure, dcp_planner, dcp_reader, torch_load
+from nanotrain.safe_loading import (
+    PROTOCOL_WARNING, dcp_failure, dcp_planner, dcp_reader, torch_load, unsafe_pickle,
+)
 from nanotrain.train_state import RandomState, TrainState
 
 # Config keys whose change makes a checkpoint meaningless for this run: the weights' shape or
@@ -85,6 +91,44 @@ def load_pretrained(model: torch.nn.Module, model_cfg, checkpoint: str | Path) -
     model.load_state_dict(read_weights(path, saved), strict=True)
 
 
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """A lower bound on the size of one training checkpoint of `model`, the same on every rank.
+
+    Its tensors: DCP's copy of the weights and of AdamW's two moments (each of the parameter's
+    shape and dtype), and model.safetensors' fp32 copy of the weights; a DTensor counts whole.
+    """
+    parameters = list(model.parameters())  # a tied weight once
+    return sum(3 * p.numel() * p.element_size() + 4 * p.numel() for p in parameters)
+
+
+def _free_bytes(directory: Path) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def _storage_failure(error: BaseException) -> str | None:
+    """Why a write failed, in one line, when storage refused it (disk full, read-only, gone); else None.
+
+    torch.save into a file object raises a RuntimeError ("unexpected pos") whose context is the
+    write's OSError; into a path, the RuntimeError alone; safetensors raises its own error type.
+    """
+    error = dcp_failure(error)
+    cause, seen = error, set()
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return first_line(cause)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    text = str(error)
+    torch_writer = isinstance(error, RuntimeError) and ("inline_container.cc" in text or "PytorchStreamWriter" in text)
+    if torch_writer or (type(error).__name__ == "SafetensorError" and "I/O error" in text):
+        return f"a write stopped short: {first_line(error)}"
+    return None
+
+
 def _flatten(config_dict: dict) -> dict:
     return {f"{section}.{key}": value for section, values in config_dict.items() for key, value in values.items()}
 
@@ -116,6 +160,7 @@ class Checkpointer:
         self.log = print if dims.is_main else (lambda *args, **kwargs: None)
         self.multi_process = dist.is_initialized() and dims.world_size > 1  # collectives have others to reach
         self.last_saved_step = -1
+        self.checkpoint_bytes = checkpoint_bytes(model)
         if cfg.checkpoint.interval > 0 or cfg.checkpoint.on_preempt:
             self._prepare_root()
 
@@ -141,7 +186,7 @@ class Checkpointer:
         return value
 
     def _prepare_root(self) -> None:
-        """Check that the checkpoint directory can be written, and remove what killed saves left there.
+        """Check that the checkpoint directory can be written and holds a checkpoint, and remove what killed saves left there.
 
         Now rather than at the first save, after the training it should protect.
         """
@@ -156,6 +201,10 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint directory '{self.root}' cannot be written ({e.strerror or e}); "
                                       "set checkpoint.dir to a writable directory") from None
             remove_stale_temporaries(self.root, "step_*")
+            if (free := _free_bytes(self.root)) < self.checkpoint_bytes:
+                raise CheckpointError(f"checkpoint directory '{self.root}' has {_megabytes(free)} free but a checkpoint "
+                                      f"of this run needs at least {_megabytes(self.checkpoint_bytes)}; free space "
+                                      "there, or set checkpoint.dir to a disk with room")
 
         self._decided_on_rank0(check, "cannot write the checkpoint directory")
 
@@ -171,59 +220,96 @@ class Checkpointer:
         return None
 
     def save(self) -> Path:
-        """Write a complete checkpoint of the train state's step (all ranks call this together)."""
+        """Write a complete checkpoint of the train state's step (all ranks call this together).
+
+        A failed write stops every rank at once, with the first failure's line: DCP's save fails
+        on every rank together, each rank's own file is followed by a shared verdict, and what
+        rank 0 alone writes is decided on rank 0. None waits in a collective for a stopped rank.
+        """
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         import torch.distributed.checkpoint as dcp
 
-        dims, multi, step = self.dims, self.multi_process, self.train_state.step
+        dims, step = self.dims, self.train_state.step
         final = self.root / step_dir_name(step)
-        owner = torch.tensor([os.getpid() if dims.is_main else 0], device=dims.device)
-        if multi:
-            dist.all_reduce(owner)  # every rank writes into rank 0's temporary directory
-        tmp = temp_directory(final, tag=int(owner))
+        tmp = self._decided_on_rank0(lambda: self._start_save(final), "could not start saving the checkpoint")
         try:
-            if dims.is_main:
-                self.root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-            if multi:
-                dist.barrier()
-
-            model_state = get_model_state_dict(self.model)  # sharded under FSDP, clean names always
-            optim_state = get_optimizer_state_dict(self.model, self.optimizer)["state"]  # tensors only
-            _save_train_state(dcp, {"model": model_state, "optim": optim_state}, tmp / TRAIN_STATE_DIR)
+            with self._write_failures(final):
+                model_state = get_model_state_dict(self.model)  # sharded under FSDP, clean names always
+                optim_state = get_optimizer_state_dict(self.model, self.optimizer)["state"]  # tensors only
+                _save_train_state(dcp, {"model": model_state, "optim": optim_state}, tmp / TRAIN_STATE_DIR)
             full_weights = distributed.full_state_dict(self.model, dims)  # a collective under FSDP
-            _save_rank_state(tmp / f"rank_{dims.rank:05d}.pt",
-                             {"rng": self.random.state_dict(), "loader": self.loader.state_dict()})
-            if multi:
-                dist.barrier()
+            rank_state = {"rng": self.random.state_dict(), "loader": self.loader.state_dict()}
+            self._on_every_rank(lambda: _save_rank_state(tmp / f"rank_{dims.rank:05d}.pt", rank_state), final)
+            if self.multi_process:
                 self._decided_on_rank0(lambda: self._require_every_rank_file(tmp), "found rank files missing")
-            if dims.is_main:
-                write_weights(tmp / WEIGHTS, full_weights, self.cfg)
-                write_text(tmp / CONFIG, self.cfg.to_toml())
-                if self.tokenizer is not None:
-                    write_bytes(tmp / self.tokenizer.file_name, self.tokenizer.file_bytes)
-                write_text(tmp / TRAINER_STATE, json.dumps(self._trainer_state(), indent=1) + "\n")
-                write_manifest(tmp, step, kind="training")
-                publish(tmp, final, replace=True)  # replace: a step redone after resuming from an earlier checkpoint
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            self._decided_on_rank0(lambda: self._finish_save(tmp, final, step, full_weights),
+                                   "could not finish saving the checkpoint")
+        except BaseException:  # DCP's CheckpointException and Ctrl-C are BaseExceptions
             if dims.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)  # never a half-written checkpoint left behind
-            cause = dcp_failure(e)
-            if isinstance(cause, OSError):  # disk full, permissions changed, storage gone
-                raise CheckpointError(
-                    f"saving checkpoint {final} failed ({first_line(cause)}); nothing was published and earlier "
-                    f"checkpoints are intact: free space or fix {self.root} (or set checkpoint.dir), "
-                    "then rerun to resume"
-                ) from None
             raise
-        if dims.is_main:
-            self._prune()
-            self.log(f"saved checkpoint {final}")
-        if multi:
-            dist.barrier()
         self.last_saved_step = step
         return final
+
+    def _start_save(self, final: Path) -> Path:
+        """Rank 0: refuse a save the disk cannot hold, then create its temporary directory (named after rank 0)."""
+        tmp = temp_directory(final, tag=os.getpid())
+        with self._write_failures(final):
+            self.root.mkdir(parents=True, exist_ok=True)
+            if (free := _free_bytes(self.root)) < self.checkpoint_bytes:
+                raise CheckpointError(self._save_failed(final, "not enough free space", free))
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        return tmp
+
+    def _on_every_rank(self, write: Callable[[], None], final: Path) -> None:
+        """Run `write` on every rank; where it failed on any, raise that rank's line on all (rank 0 prints it)."""
+        failure = None
+        try:
+            with self._write_failures(final):
+                write()
+        except CheckpointError as e:
+            failure = str(e)
+        failures = [failure]
+        if self.multi_process:
+            failures = [None] * self.dims.world_size
+            dist.all_gather_object(failures, failure)  # each rank's own string, never read from a file
+        if first := next((f for f in failures if f), None):
+            raise CheckpointError(first)
+
+    def _finish_save(self, tmp: Path, final: Path, step: int, full_weights: dict) -> None:
+        """Rank 0: the files only it writes, the manifest last, the rename, then the pruning of old checkpoints."""
+        with self._write_failures(final):
+            write_weights(tmp / WEIGHTS, full_weights, self.cfg)
+            write_text(tmp / CONFIG, self.cfg.to_toml())
+            if self.tokenizer is not None:
+                write_bytes(tmp / self.tokenizer.file_name, self.tokenizer.file_bytes)
+            write_text(tmp / TRAINER_STATE, json.dumps(self._trainer_state(), indent=1) + "\n")
+            write_manifest(tmp, step, kind="training")
+            publish(tmp, final, replace=True)  # replace: a step redone after resuming from an earlier checkpoint
+        self._prune()
+        self.log(f"saved checkpoint {final}")
+
+    @contextmanager
+    def _write_failures(self, final: Path):
+        """A write that storage refused (disk full, read-only, gone) as one CheckpointError; other errors unchanged."""
+        try:
+            yield
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            reason = _storage_failure(e)
+            if reason is None:
+                raise
+            raise CheckpointError(self._save_failed(final, reason)) from None
+
+    def _save_failed(self, final: Path, reason: str, free: int | None = None) -> str:
+        try:
+            free = _free_bytes(self.root) if free is None else free  # after the temporary directory is gone
+            space = f"{_megabytes(free)} free in {self.root}"
+        except OSError:
+            space = f"free space in {self.root} unknown"
+        return (f"saving checkpoint {final} failed ({reason}): a checkpoint of this run needs at least "
+                f"{_megabytes(self.checkpoint_bytes)}, {space}; nothing was published and earlier checkpoints "
+                f"are intact: free space or fix {self.root} (or set checkpoint.dir), then rerun to resume")
 
     def _require_every_rank_file(self, tmp: Path) -> None:
         """Every rank wrote into one directory; on nodes with a disk each, rank 0 sees only its own node's files."""
@@ -359,6 +445,8 @@ class Checkpointer:
                 raise cause from None
             if not isinstance(cause, Exception):  # Ctrl-C
                 raise
+            if isinstance(cause, pickle.UnpicklingError):  # what torch.load(weights_only=True) refused in a shard
+                raise CheckpointError(unsafe_pickle(f"a shard of {path / TRAIN_STATE_DIR}", cause)) from None
             raise CheckpointError(f"checkpoint '{path}': {TRAIN_STATE_DIR} cannot be loaded into this model and "
                                   f"optimizer ({type(cause).__name__}: {first_line(cause)})") from None
         set_model_state_dict(self.model, target["model"])
@@ -381,6 +469,7 @@ def _single_process_quietly():
     """DCP warns that it assumes one process when there is no process group; that is intended."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=PROTOCOL_WARNING)  # a crafted shard, refused in one line
         yield
 
 

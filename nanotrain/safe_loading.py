@@ -4,6 +4,9 @@ Tensors come from `torch.load(weights_only=True)` (`torch_load`); DCP's pickled 
 read with an unpickler that admits exact (module, name) pairs of the globals DCP puts there and
 sets state only on DCP's dataclasses (`_MetadataUnpickler`), and DCP items that would need
 `torch.load(weights_only=False)` are refused by the load planner (nanotrain never saves any).
+A file torch's restricted unpickler stops at is refused as unsafe in one line that keeps torch's
+diagnosis but never its advice to load the file unrestricted (`unsafe_pickle`). docs/09,
+"Safe loading".
 """
 
 from __future__ import annotations
@@ -11,12 +14,18 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import re
+import warnings
 from dataclasses import is_dataclass
 from pathlib import Path, PosixPath
 
 import torch
 
 from nanotrain.checkpoint_files import CheckpointError, first_line
+
+
+# torch's restricted unpickler warns about a pickle protocol it did not write, just before it refuses the file.
+PROTOCOL_WARNING = "Detected pickle protocol"
 
 
 def dcp_failure(error: BaseException) -> BaseException:
@@ -31,11 +40,24 @@ def dcp_failure(error: BaseException) -> BaseException:
 def torch_load(file: Path):
     """`torch.load` restricted to tensors, containers and numbers; anything that needs more is refused in one line."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PROTOCOL_WARNING)
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {file}: it needs arbitrary unpickling, which could run code ({first_line(e)})"
-        ) from None
+        raise CheckpointError(unsafe_pickle(str(file), e)) from None
+
+
+def unsafe_pickle(what: str, error: pickle.UnpicklingError) -> str:
+    """The line refusing `what`, which torch's restricted unpickler (`weights_only=True`) stopped at.
+
+    torch's own message goes on to explain how to load the file anyway; a checkpoint from
+    elsewhere must never be loaded that way, so only its diagnosis is kept ("Unsupported
+    global: GLOBAL builtins.exec ...", "Unsupported operand 149").
+    """
+    diagnosis = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(error))
+    found = f" (torch's restricted unpickler: {diagnosis[1].strip()})" if diagnosis else ""
+    return (f"refusing to load {what} as unsafe: it holds more than tensors, containers and numbers{found}, and "
+            "unpickling that could run code; it was damaged or crafted: resume from a checkpoint you trust")
 
 
 @functools.cache

@@ -6,11 +6,13 @@ Points: "after_step" (right after the checkpoint seam of step N, outside any sav
 (SIGTERM instead of SIGKILL, right after the checkpoint seam of step N - 1, so the ranks agree on it
 at step N's preemption check: a preemption notice), or one of the
 named steps of a save at step N, killed just before ("before_<name>") or just after ("after_<name>"):
-save_train_state, save_rank_state, write_manifest, publish, prune. Under torchrun the crash happens
+save_train_state, save_rank_state, write_manifest, publish, prune; or "full_disk_at_<name>": that
+step raises ENOSPC instead of writing, as on a full disk (the process lives on). Under torchrun the crash happens
 on CRASH_RANK only (default 0) and only in the first attempt (TORCHELASTIC_RESTART_COUNT = 0), so a
 restarted job runs through.
 """
 
+import errno
 import os
 import signal
 import sys
@@ -34,6 +36,8 @@ def crashing(name, original):
     def wrapper(*args, **kwargs):
         if CRASH_HERE and current_step == CRASH_STEP and CRASH_POINT == f"before_{name}":
             die()
+        if CRASH_HERE and current_step == CRASH_STEP and CRASH_POINT == f"full_disk_at_{name}":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         result = original(*args, **kwargs)
         if CRASH_HERE and current_step == CRASH_STEP and CRASH_POINT == f"after_{name}":
             die()

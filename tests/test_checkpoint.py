@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from nanotrain import build_model, checkpoint, distributed, load_config
@@ -237,21 +242,52 @@ def test_corrupted_checkpoint_is_named_and_auto_falls_back(tmp_path, single, cap
     assert_same_run(single, out)
 
 
-def test_malicious_pickle_is_refused_without_running(tmp_path, single):
+class Payload:
+    """Unpickled without restriction, it would run `exec(source)`."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __reduce__(self):
+        return exec, (self.source,)
+
+
+def plant_in_every_shard_item(train_state: Path, payload: bytes) -> None:
+    """Make every item of DCP's shards read `payload`, .metadata and the shard rewritten to match."""
+    metadata = read_dcp_metadata(train_state)
+    shard = next(train_state.glob("*.distcp"))
+    shard.write_bytes(payload)
+    for info in metadata.storage_data.values():
+        info.relative_path, info.offset, info.length = shard.name, 0, len(payload)
+    (train_state / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("victim, refusal", [
+    ("rank_00000.pt", r"refusing to load \S*rank_00000\.pt as unsafe: .*Unsupported global: GLOBAL (builtins\.)?exec"),
+    ("train_state/.metadata", r"refusing to load \S*\.metadata: global 'exec' of module 'builtins' is not allowed"),
+    ("train_state/*.distcp", r"refusing to load a shard of \S*train_state as unsafe: .*Unsupported global: "
+                             r"GLOBAL (builtins\.)?exec"),
+])
+def test_malicious_pickle_is_refused_without_running(tmp_path, single, victim, refusal):
+    """Refused as unsafe in one line that never tells the user to load the file unrestricted (weights_only=False)."""
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
-
-    for victim in ("rank_00000.pt", "train_state/.metadata"):
-        out = copy_run(single, tmp_path / victim.replace("/", "_"))
-        ckpt = out / "checkpoints" / "step_00000006"
-        (ckpt / victim).write_bytes(pickle.dumps(Payload()))
-        checkpoint.write_manifest(ckpt, 6, "training")  # the attacker rewrote the manifest too
-        with pytest.raises(CheckpointError, match="refusing to load"):
-            run_here(out, f"--checkpoint.resume={ckpt}")
-        assert not marker.exists()
+    payload = Payload(f"open({str(marker)!r}, 'w').write('ran')")
+    out = copy_run(single, tmp_path / "run")
+    ckpt = out / "checkpoints" / "step_00000006"
+    if victim == "train_state/.metadata":
+        (ckpt / victim).write_bytes(pickle.dumps(payload))
+    else:
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)  # a torch file, as torch.load expects one
+        if victim == "rank_00000.pt":
+            (ckpt / victim).write_bytes(buffer.getvalue())
+        else:
+            plant_in_every_shard_item(ckpt / "train_state", buffer.getvalue())
+    checkpoint.write_manifest(ckpt, 6, "training")  # the attacker rewrote the manifest too
+    with pytest.raises(CheckpointError, match=refusal) as refused:
+        run_here(out, f"--checkpoint.resume={ckpt}", "--model.dropout=0.1")
+    assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
+    assert not marker.exists()
 
 
 # Crafted `.metadata` files. Python's unpickler resolves a dotted name ("os.system") through the
@@ -378,14 +414,20 @@ def test_crafted_dcp_metadata_never_runs_from_any_command(tmp_path, story_run):
 
 # ---- malformed checkpoints and failing saves: one line, nothing half-written --------------------
 
-def test_malformed_shard_is_one_error(tmp_path, single):
+@pytest.mark.parametrize("damage, refusal", [
+    (lambda data: data[:len(data) // 2], "'{ckpt}': train_state cannot be loaded into this model and optimizer"),
+    # bytes the restricted unpickler stops at: damage and a crafted file look alike, so it is refused as unsafe
+    (lambda data: b"not a tensor file" * 100, "a shard of {ckpt}/train_state as unsafe: .*Unsupported operand"),
+], ids=["truncated", "not a torch file"])
+def test_malformed_shard_is_one_error(tmp_path, single, damage, refusal):
     out = copy_run(single, tmp_path / "run")
     ckpt = out / "checkpoints" / "step_00000006"
     shard = next((ckpt / "train_state").glob("*.distcp"))
-    shard.write_bytes(b"not a tensor file" * 100)
+    shard.write_bytes(damage(shard.read_bytes()))
     checkpoint.write_manifest(ckpt, 6, "training")
-    with pytest.raises(CheckpointError, match=f"checkpoint '{ckpt}': train_state cannot be loaded into this model"):
+    with pytest.raises(CheckpointError, match=refusal.format(ckpt=ckpt)) as refused:
         run_here(out, f"--checkpoint.resume={ckpt}")
+    assert "weights_only" not in str(refused.value)
 
 
 def write_trainer_state(ckpt: Path, content: str) -> None:
@@ -422,35 +464,90 @@ def test_auto_resume_falls_back_past_a_corrupt_trainer_state(tmp_path, single, c
     assert_same_run(single, out)
 
 
-@pytest.mark.parametrize("where", ["inside DCP's save", "writing the manifest"])
-def test_failing_save_is_one_error_and_publishes_nothing(tmp_path, monkeypatch, where):
-    from torch.distributed.checkpoint.filesystem import FileSystem
+FULL_DEVICE = Path("/dev/full")  # every write to it fails with ENOSPC, as on a full disk
 
-    disk_full = OSError(28, "No space left on device")
-    if where == "inside DCP's save":  # DCP wraps it in a CheckpointException, a BaseException
+
+def fill_the_disk_at_step_4(monkeypatch, where: str) -> None:
+    """Make one write of step 4's save meet a full disk, through the library that writes it."""
+    def at_step_4(path) -> bool:
+        return "step_00000004" in str(path)
+
+    if where == "a DCP shard":  # torch.save into DCP's stream: RuntimeError "unexpected pos", from ENOSPC
+        from torch.distributed.checkpoint.filesystem import FileSystem
+
         create_stream = FileSystem.create_stream
 
+        @contextlib.contextmanager
         def full_disk_stream(self, path, mode):
-            if "step_00000004" in str(path) and "w" in mode:
-                raise disk_full
-            return create_stream(self, path, mode)
+            if at_step_4(path) and "w" in mode:
+                with open(FULL_DEVICE, "wb") as full:
+                    yield full
+            else:
+                with create_stream(self, path, mode) as stream:
+                    yield stream
 
         monkeypatch.setattr(FileSystem, "create_stream", full_disk_stream)
-    else:
-        write_manifest = checkpoint.write_manifest
+        return
+    name = {"a rank file": "_save_rank_state", "model.safetensors": "write_weights", "the manifest": "write_manifest"}[where]
+    original = getattr(checkpoint, name)
 
-        def full_disk_manifest(directory, step, kind):
-            if step == 4:
-                raise disk_full
-            write_manifest(directory, step, kind)
+    def onto_a_full_disk(path, *args, **kwargs):
+        if not at_step_4(path):
+            return original(path, *args, **kwargs)
+        if name == "_save_rank_state":  # torch.save to a path: its RuntimeError has no OSError behind it
+            return original(FULL_DEVICE, *args, **kwargs)
+        if name == "write_weights":  # safetensors renames its file into place: never over /dev/full
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what open().write raises
 
-        monkeypatch.setattr(checkpoint, "write_manifest", full_disk_manifest)
+    monkeypatch.setattr(checkpoint, name, onto_a_full_disk)
+
+
+@pytest.mark.skipif(not FULL_DEVICE.exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("where", ["a DCP shard", "a rank file", "model.safetensors", "the manifest"])
+def test_a_full_disk_during_a_save_is_one_error_and_publishes_nothing(tmp_path, monkeypatch, capsys, where):
+    fill_the_disk_at_step_4(monkeypatch, where)
     out = tmp_path / "run"
-    with pytest.raises(CheckpointError, match=r"saving checkpoint .*step_00000004 failed \(\[Errno 28\] No space left "
-                                              r"on device\); nothing was published and earlier checkpoints are intact"):
+    root = out / "checkpoints"
+    needed = re.escape(f"{checkpoint.checkpoint_bytes(build_model(load_config(None, TINY).model)) / 1e6:,.1f} MB")
+    with pytest.raises(CheckpointError, match=(
+            rf"^saving checkpoint {re.escape(str(root))}/step_00000004 failed \((\[Errno 28\] )?.*(No space left on "
+            rf"device|unexpected pos).*\): a checkpoint of this run needs at least {needed}, [0-9.,]+ MB free in "
+            rf"{re.escape(str(root))}; nothing was published and earlier checkpoints are intact")):
         run_here(out)
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
-    verify(out / "checkpoints" / "step_00000002", kind="training")
+    assert [p.name for p in root.iterdir()] == ["step_00000002"]  # the temporary directory is gone
+    verify(root / "step_00000002", kind="training")
+    monkeypatch.undo()
+    capsys.readouterr()
+    run_here(out)  # space freed: rerunning resumes from the checkpoint before the failed save
+    assert "step_00000002 at step 2" in capsys.readouterr().out
+    assert [s for s, _ in checkpoint.list_checkpoints(root)] == [6, 4, 2]
+
+
+@pytest.mark.parametrize("full_after", ["the start", "step 2's save"])
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch, full_after):
+    """Less free space than a checkpoint needs: refused at start, or before a save writes anything."""
+    root = tmp_path / "run" / "checkpoints"
+    full = (lambda directory: True) if full_after == "the start" else (lambda d: (d / "step_00000002").is_dir())
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda directory: 1000 if full(directory) else 10**12)
+    if full_after == "the start":
+        with pytest.raises(CheckpointError, match=rf"checkpoint directory '{re.escape(str(root))}' has 0.0 MB free "
+                                                  r"but a checkpoint of this run needs at least [0-9.]+ MB; free space"):
+            run_here(tmp_path / "run")
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
+        assert list(root.iterdir()) == []
+    else:
+        with pytest.raises(CheckpointError, match=r"saving checkpoint \S*step_00000004 failed \(not enough free space\): "
+                                                  r"a checkpoint of this run needs at least [0-9.]+ MB, 0.0 MB free in"):
+            run_here(tmp_path / "run")
+        assert [p.name for p in root.iterdir()] == ["step_00000002"]
+
+
+def test_checkpoint_bytes_is_a_lower_bound(single):
+    """The estimate the space checks use never exceeds what a checkpoint takes (so it never refuses a save that fits)."""
+    model = build_model(load_config(None, TINY).model)
+    written = sum(f.stat().st_size for f in (single / "checkpoints" / "step_00000006").rglob("*") if f.is_file())
+    assert 0 < checkpoint.checkpoint_bytes(model) <= written
 
 
 def test_unwritable_checkpoint_dir_is_found_before_training(tmp_path):
@@ -697,6 +794,20 @@ def test_a_refused_resume_stops_every_rank_in_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: checkpoint '{missing}' does not exist"]
     assert "exitcode  : 2" in result.stderr and "SIGTERM" not in result.stderr.split("Failures:")[-1]
+
+
+def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(tmp_path):
+    """Rank 1 alone fails to write its rank file: every rank stops, rank 0 prints rank 1's line, nothing is published."""
+    out = tmp_path / "run"
+    result = torchrun(args_for(out, "--train.batch_size=2", "--train.max_steps=4"),
+                      script=["tests/checkpoint_crash_run.py"],
+                      env_extra={"CRASH_AT_STEP": "4", "CRASH_POINT": "full_disk_at_save_rank_state", "CRASH_RANK": "1"})
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"error: saving checkpoint {out / 'checkpoints' / 'step_00000004'} "
+                                                     "failed ([Errno 28] No space left on device)"), result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr and "/nanotrain/" not in result.stderr, result.stderr[-3000:]  # no rank traceback
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+    verify(out / "checkpoints" / "step_00000002", kind="training")
 
 
 def test_a_checkpoint_directory_not_shared_by_every_node_is_refused(tmp_path):
