@@ -18,9 +18,11 @@ each sample a random length, so valid-token counts differ).
 
 Samples (`data.mode`):
     packed   sample i is tokens[i*T : (i+1)*T] of the split's token stream (documents are
-             concatenated, each BOS ... EOS): non-overlapping windows, nothing ignored.
-    padded   sample i is document i, truncated to its first T tokens and LEFT padded with the
-             tokenizer's pad id; padding has attention_mask 0 and label -100.
+             concatenated, each BOS ... EOS, or ... EOS where BOS and EOS are one token):
+             non-overlapping windows, nothing ignored.
+    padded   sample i is document i, starting with BOS (prepended here to a document stored
+             as text EOS), truncated to its first T tokens and LEFT padded with the tokenizer's
+             pad id; padding has attention_mask 0 and label -100.
 
 A new source is one class with `from_config` and one entry in SOURCES.
 """
@@ -34,7 +36,7 @@ import numpy as np
 import torch
 
 from nanotrain.config import DataConfig
-from nanotrain.dataset_format import TokenSplit, open_meta, open_tokenizer
+from nanotrain.dataset_format import BOS_TEXT_EOS, TEXT_EOS, TokenSplit, open_meta, open_tokenizer
 from nanotrain.loss import IGNORE_INDEX
 from nanotrain.stories import prepare_stories
 from nanotrain.tokenizer import Tokenizer
@@ -68,19 +70,24 @@ class PackedSamples(TokenSamples):
 
 
 class PaddedSamples(TokenSamples):
-    """Sample i = document i (its first T tokens), left padded, with mask and -100 labels on padding."""
+    """Sample i = document i (its first T tokens), left padded, with mask and -100 labels on padding.
 
-    def __init__(self, split: TokenSplit, seq_len: int, pad_id: int):
+    `head` is what each row starts with before the stored document: BOS for documents stored as
+    text EOS, so a row starts as a prompt does whatever the layout; nothing otherwise.
+    """
+
+    def __init__(self, split: TokenSplit, seq_len: int, pad_id: int, head: tuple[int, ...] = ()):
         super().__init__(split, seq_len)
-        self.pad_id = pad_id
+        self.pad_id, self.head = pad_id, np.array(head, dtype=np.int64)
 
     def __len__(self) -> int:
         return self.split.num_documents
 
     def __getitem__(self, i: int) -> dict:
         start = int(self.split.offsets[i])
-        end = min(int(self.split.offsets[i + 1]), start + self.seq_len)
-        return left_pad(self.split.tokens[start:end].astype(np.int64), self.seq_len, self.pad_id)
+        end = min(int(self.split.offsets[i + 1]), start + self.seq_len - len(self.head))
+        tokens = np.concatenate([self.head, self.split.tokens[start:end].astype(np.int64)])
+        return left_pad(tokens, self.seq_len, self.pad_id)
 
 
 class RandomSamples(torch.utils.data.Dataset):
@@ -175,7 +182,10 @@ class TokensSource:
 
     def samples(self, split: str, seq_len: int, padded: bool) -> TokenSamples:
         token_split = TokenSplit(self.path, split, self.meta)
-        return PaddedSamples(token_split, seq_len, self.tokenizer.pad_id) if padded else PackedSamples(token_split, seq_len)
+        if not padded:
+            return PackedSamples(token_split, seq_len)
+        head = (self.meta["bos_id"],) if self.meta.get("document_layout", BOS_TEXT_EOS) == TEXT_EOS else ()
+        return PaddedSamples(token_split, seq_len, self.tokenizer.pad_id, head)
 
 
 class StoriesSource(TokensSource):

@@ -3,7 +3,10 @@
 A dataset directory holds:
 
   train.bin, val.bin    every document's tokens, BOS + text + EOS, concatenated; raw numpy
-                        memmaps, uint16 when the vocabulary fits, else uint32
+                        memmaps, uint16 when the vocabulary fits, else uint32. When BOS and
+                        EOS are one token (GPT-2's `<|endoftext|>`) a document is text + EOS,
+                        so one separator, not two, lies between documents (meta.json's
+                        document_layout says which)
   train.idx, val.idx    uint64 offsets of the documents in the .bin (n_docs + 1 entries), so
                         the padded loader finds document boundaries without a scan
   tokenizer.model       the tokenizer that produced the tokens, unchanged: a sentencepiece model,
@@ -15,9 +18,11 @@ A dataset directory holds:
 Writing: `write_dataset(documents, out, ...)` turns any stream of documents (prepare.py's text
 files, the built-in corpus of stories.py) into such a directory, training its tokenizer when
 asked; each document goes to val with probability `val_fraction`, by one draw per document, in
-input order, from a generator seeded with `seed`. Everything is written into a hidden temporary
-directory next to `out` and renamed only when complete, so an error or Ctrl-C never leaves a
-dataset that looks usable; writing the same dataset again is a no-op.
+input order, from a generator seeded with `seed`, unless the val set is given as a stream of its
+own. Everything is written into a hidden temporary directory next to `out` and renamed only
+when complete, so an error or Ctrl-C never leaves a dataset that looks usable, and a full or
+read-only destination is an `UnwritableOutput` naming `out`; writing the same dataset again is
+a no-op.
 
 Reading: `open_meta(path)` checks meta.json, the file sizes and the document offsets once, so a
 damaged dataset is refused in one line at start-up; `open_tokenizer` loads its tokenizer and
@@ -38,19 +43,33 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from nanotrain.errors import NanotrainError
-from nanotrain.files import atomic_directory
+from nanotrain.files import OUT_OF_SPACE, atomic_directory, destination_problem
 from nanotrain.tokenizer import Tokenizer, TokenizerError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
 DEFAULT_VAL_FRACTION = 0.05
+BOS_TEXT_EOS, TEXT_EOS = "BOS text EOS", "text EOS"  # how a document's ids are stored; see document_layout
+LAYOUTS = (BOS_TEXT_EOS, TEXT_EOS)
 TOKENIZER_TRAINING_BYTES = 512 * 2**20  # the tokenizer sees at most the first 512 MiB of text
 ENCODE_BATCH_BYTES = 8 * 2**20  # text handed to the encoder threads at a time
 
 
 class PrepareError(NanotrainError):
     """A problem with the inputs or options of preparing a dataset, in one line that says how to fix it."""
+
+
+class UnwritableOutput(PrepareError):
+    """The output directory's file system is out of space or refuses the write; says so, naming the directory."""
+
+    def __init__(self, out: Path, problem: str, reason: str):
+        self.problem, self.reason = problem, reason
+        if problem == OUT_OF_SPACE:
+            message = f"its file system is out of space ({reason}); free some space there or choose another --out"
+        else:
+            message = f"{reason}; choose a writable --out"
+        super().__init__(f"cannot write --out '{out}': {message}; nothing was written")
 
 
 class DataError(NanotrainError):
@@ -60,6 +79,16 @@ class DataError(NanotrainError):
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 halves the disk and page-cache footprint whenever every id fits in it."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def document_layout(tokenizer: Tokenizer) -> str:
+    """How a document is stored: BOS text EOS, or text EOS when BOS and EOS are the same token.
+
+    GPT-2's `<|endoftext|>` is both: BOS text EOS would put it twice between documents. As text
+    EOS the packed stream is `A <|endoftext|> B <|endoftext|>`, GPT-2's own layout, in which
+    every document still follows the token a prompt starts with.
+    """
+    return TEXT_EOS if tokenizer.bos_id == tokenizer.eos_id else BOS_TEXT_EOS
 
 
 def nearest_existing(path: Path) -> Path:
@@ -139,23 +168,35 @@ def _check_out_dir(out: Path, identity: str) -> dict | None:
     raise PrepareError(f"--out '{out}' already holds {what}; choose another --out or delete it first")
 
 
-def write_dataset(documents: Callable[[], Iterable[tuple[str, int]]], out: str | Path, *, sources: list[dict],
-                  total_bytes: int, vocab_size: int | None = None, tokenizer: str | None = None,
-                  val_fraction: float = DEFAULT_VAL_FRACTION, seed: int = 0, workers: int | None = None,
-                  verbose: bool = True, settings: dict | None = None) -> dict:
+Documents = Callable[[], Iterable[tuple[str, int]]]
+
+
+def write_dataset(documents: Documents | None, out: str | Path, *, sources: list[dict], total_bytes: int,
+                  vocab_size: int | None = None, tokenizer: str | None = None,
+                  val_fraction: float = DEFAULT_VAL_FRACTION, val_documents: Documents | None = None, seed: int = 0,
+                  workers: int | None = None, verbose: bool = True, settings: dict | None = None) -> dict:
     """Write the documents as a dataset directory at `out` (see the module docstring); returns its meta.
 
     `documents()` returns a fresh iterator of (text, bytes consumed so far) each time it is
-    called: once to train the tokenizer (when `vocab_size` is given), once to encode. Pass
-    exactly one of `vocab_size` (train a tokenizer) and `tokenizer` (the path of a sentencepiece
-    model or a Hugging Face tokenizer.json). `sources` and `settings` describe where the documents
-    came from; with the other arguments they make the dataset's identity, which decides whether
-    `out` already holds it.
+    called: once to train the tokenizer (when `vocab_size` is given), once to encode. Each of its
+    documents goes to val with probability `val_fraction`, unless `val_documents` gives the val
+    set: then they all go to train (`val_fraction` must be 0), and `documents` may be None for a
+    dataset with no train documents (one to evaluate on, made with an existing tokenizer). Pass
+    exactly one of `vocab_size` (train a tokenizer, on the train documents) and `tokenizer` (the
+    path of a sentencepiece model or a Hugging Face tokenizer.json). `sources` and `settings`
+    describe where the documents came from; with the other arguments they make the dataset's
+    identity, which decides whether `out` already holds it. A destination that is out of space
+    or not writable is an `UnwritableOutput` naming `out`; nothing is left behind either way.
     """
     if (vocab_size is None) == (tokenizer is None):
         raise PrepareError("pass exactly one of --vocab_size N (train a tokenizer) or --tokenizer PATH")
     if not 0 <= val_fraction < 1:
         raise PrepareError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    if val_documents is not None and val_fraction:
+        raise PrepareError("a given val set and --val_fraction exclude each other: pass one")
+    if documents is None and (val_documents is None or tokenizer is None):
+        raise PrepareError("a val-only dataset (no INPUT, only --val) is evaluated with the tokenizer of the "
+                           "model's own dataset: pass it with --tokenizer (e.g. DIR/tokenizer.model)")
     loaded = None
     if tokenizer is not None:
         try:
@@ -166,6 +207,11 @@ def write_dataset(documents: Callable[[], Iterable[tuple[str, int]]], out: str |
     request = {"format_version": FORMAT_VERSION, "sources": sources, "val_fraction": val_fraction, "seed": seed,
                "settings": settings or {},
                "tokenizer": {"sha256": loaded.sha256} if loaded else {"train_vocab_size": vocab_size}}
+    # named only when they differ from what every dataset had before: those keep the identity they always had
+    if loaded is not None and document_layout(loaded) != BOS_TEXT_EOS:
+        request["document_layout"] = document_layout(loaded)
+    if val_documents is not None:
+        request["val_set"] = "given"
     identity = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()  # same identity, same dataset
     existing = _check_out_dir(out, identity)
     if existing is not None:
@@ -178,8 +224,8 @@ def write_dataset(documents: Callable[[], Iterable[tuple[str, int]]], out: str |
             if loaded is None:
                 loaded = _train_tokenizer(documents, vocab_size, total_bytes, verbose)
             loaded.save(temp / loaded.file_name)
-            splits, max_token_id = _encode(documents, loaded, temp, val_fraction, seed, workers, total_bytes,
-                                           verbose)
+            splits, max_token_id = _encode(documents, val_documents, loaded, temp, val_fraction, seed, workers,
+                                           total_bytes, verbose)
             meta = {
                 "format_version": FORMAT_VERSION,
                 "identity": identity,
@@ -188,28 +234,44 @@ def write_dataset(documents: Callable[[], Iterable[tuple[str, int]]], out: str |
                 "vocab_size": loaded.vocab_size,
                 "bos_id": loaded.bos_id, "eos_id": loaded.eos_id, "pad_id": loaded.pad_id,
                 "dtype": token_dtype(loaded.vocab_size).name,
-                "document_layout": "BOS text EOS",
+                "document_layout": document_layout(loaded),
                 "splits": splits,
                 "max_token_id": max_token_id,  # the reader checks it against the vocabulary at start-up
                 "sources": sources,
                 "val_fraction": val_fraction, "seed": seed, **(settings or {}),
                 "prepare_seconds": round(time.perf_counter() - start, 2),
             }
-            for split in SPLITS:
-                if splits[split]["documents"] == 0 and (split == "train" or val_fraction > 0):
-                    n = splits["train"]["documents"] + splits["val"]["documents"]
-                    fix = "raise --val_fraction or add documents" if split == "val" else "lower --val_fraction"
-                    raise PrepareError(f"the {split} split got no documents ({n} in all, --val_fraction {val_fraction}); {fix}")
+            _check_split_sizes(splits, val_fraction, train_expected=documents is not None,
+                               val_given=val_documents is not None)
             # meta.json last: a directory without it is never taken for a dataset
             (temp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     except FileExistsError:  # another process published --out meanwhile: fine if it is this very dataset
         published = read_meta(out)
         if published is None or published.get("identity") != identity:
             raise PrepareError(f"--out '{out}' appeared while preparing and holds something else; choose another --out") from None
+    except OSError as e:
+        problem = destination_problem(e)
+        if problem is None:
+            raise
+        raise UnwritableOutput(out, problem, e.strerror or str(e)) from None
     log(verbose, f"wrote '{out}': {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
                  f"({splits['train']['documents']:,} + {splits['val']['documents']:,} documents), "
                  f"vocab {loaded.vocab_size}, {meta['dtype']}")
     return read_meta(out)
+
+
+def _check_split_sizes(splits: dict, val_fraction: float, train_expected: bool, val_given: bool) -> None:
+    """Refuse a split left without documents, unless it is meant to be empty."""
+    n = splits["train"]["documents"] + splits["val"]["documents"]
+    if splits["train"]["documents"] == 0 and train_expected:
+        fix = "lower --val_fraction" if val_fraction > 0 else "add documents"
+        raise PrepareError(f"the train split got no documents ({n} in all, --val_fraction {val_fraction}); {fix}")
+    if splits["val"]["documents"] == 0 and val_given:
+        raise PrepareError("the given val set holds no documents (all empty after stripping whitespace); "
+                           "pass a val set with text in it")
+    if splits["val"]["documents"] == 0 and val_fraction > 0:
+        raise PrepareError(f"the val split got no documents ({n} in all, --val_fraction {val_fraction}); "
+                           "raise --val_fraction or add documents")
 
 
 def _train_tokenizer(documents, vocab_size: int, total_bytes: int, verbose: bool) -> Tokenizer:
@@ -230,10 +292,11 @@ def _train_tokenizer(documents, vocab_size: int, total_bytes: int, verbose: bool
     return trained
 
 
-def _encode(documents, tokenizer: Tokenizer, directory: Path, val_fraction: float, seed: int,
-            workers: int | None, total_bytes: int, verbose: bool) -> tuple[dict, int]:
+def _encode(documents: Documents | None, val_documents: Documents | None, tokenizer: Tokenizer, directory: Path,
+            val_fraction: float, seed: int, workers: int | None, total_bytes: int, verbose: bool) -> tuple[dict, int]:
     """Tokenize every document into train.bin/val.bin and their .idx offsets.
 
+    `documents` are drawn into the splits (see write_dataset), `val_documents` all go to val.
     Returns the per-split counts and the largest token id written.
     """
     dtype = token_dtype(tokenizer.vocab_size)
@@ -243,13 +306,10 @@ def _encode(documents, tokenizer: Tokenizer, directory: Path, val_fraction: floa
     progress = Progress("encoding", total_bytes, verbose)
     count = max_token_id = 0
     try:
-        stream = iter(documents())
-        while True:
-            batch, done = _take_bytes(stream, ENCODE_BATCH_BYTES)
-            if not batch:
-                break
-            encoded = tokenizer.encode_batch(batch, bos=True, eos=True, num_threads=workers or os.cpu_count() or 1)
-            is_val = draw.random(len(batch)) < val_fraction
+        for batch, done, all_val in _batches(documents, val_documents):
+            encoded = tokenizer.encode_batch(batch, bos=document_layout(tokenizer) == BOS_TEXT_EOS, eos=True,
+                                             num_threads=workers or os.cpu_count() or 1)
+            is_val = np.ones(len(batch), dtype=bool) if all_val else draw.random(len(batch)) < val_fraction
             for split, keep in (("train", ~is_val), ("val", is_val)):
                 chosen = [ids for ids, k in zip(encoded, keep) if k]
                 doc_lengths = np.fromiter((len(ids) for ids in chosen), dtype=np.uint64, count=len(chosen))
@@ -273,6 +333,19 @@ def _encode(documents, tokenizer: Tokenizer, directory: Path, val_fraction: floa
         splits[split] = {"file": f"{split}.bin", "index": f"{split}.idx",
                          "documents": int(len(doc_lengths)), "tokens": int(offsets[-1])}
     return splits, max_token_id
+
+
+def _batches(documents: Documents | None, val_documents: Documents | None) -> Iterator[tuple[list[str], int, bool]]:
+    """Batches of about ENCODE_BATCH_BYTES of text, each with the progress position and whether it is all val."""
+    for stream_of, all_val in ((documents, False), (val_documents, True)):
+        if stream_of is None:
+            continue
+        stream = iter(stream_of())
+        while True:
+            batch, done = _take_bytes(stream, ENCODE_BATCH_BYTES)
+            if not batch:
+                break
+            yield batch, done, all_val
 
 
 def _take_bytes(stream: Iterator[tuple[str, int]], budget: int) -> tuple[list[str], int]:
@@ -342,6 +415,8 @@ def _meta_problem(meta: dict) -> str | None:
     if not isinstance(tokenizer, dict) or not _is_file_name(tokenizer.get("file")) \
             or not isinstance(tokenizer.get("sha256"), str):
         return f"has tokenizer {tokenizer!r}, not a file name in the dataset and its sha256"
+    if meta.get("document_layout", BOS_TEXT_EOS) not in LAYOUTS:
+        return f"has document_layout {meta.get('document_layout')!r}, not one of {', '.join(map(repr, LAYOUTS))}"
     recorded_ids = ["bos_id", "eos_id", "pad_id"] + (["max_token_id"] if "max_token_id" in meta else [])
     for key in recorded_ids:  # (datasets prepared before max_token_id was recorded lack it; batches are checked)
         if not (_is_count(meta.get(key)) and meta[key] < vocab):
@@ -368,7 +443,7 @@ def _is_file_name(value) -> bool:
 
 
 def _offsets_are_documents(index_path: Path, num_tokens: int) -> bool:
-    """Offsets start at 0, end at the token count and strictly increase (each document holds BOS and EOS).
+    """Offsets start at 0, end at the token count and strictly increase (each document holds text and EOS).
 
     A decreasing pair would make an empty, fully masked padded row; read in chunks to keep memory flat.
     """

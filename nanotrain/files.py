@@ -13,6 +13,9 @@ Writers that span several processes (a multi-rank checkpoint) use `temp_director
 A process killed while writing (SIGKILL, power loss) leaves its temporary directory behind;
 `remove_stale_temporaries` deletes those whose process is gone, and `atomic_directory` calls it
 for its target before it starts.
+
+`destination_problem(error)` says whether a failed write failed because of where it went (a
+full, read-only or forbidden file system), so callers can name the output the user chose.
 """
 
 from __future__ import annotations
@@ -45,6 +48,20 @@ def fsync(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+OUT_OF_SPACE, NOT_WRITABLE = "out of space", "not writable"
+_DESTINATION_ERRNOS = {errno.ENOSPC: OUT_OF_SPACE, errno.EDQUOT: OUT_OF_SPACE,
+                       errno.EROFS: NOT_WRITABLE, errno.EACCES: NOT_WRITABLE, errno.EPERM: NOT_WRITABLE}
+
+
+def destination_problem(error: OSError) -> str | None:
+    """OUT_OF_SPACE or NOT_WRITABLE when a write failed because of where it went, else None.
+
+    For a one-line message naming the output the user chose, not the temporary path
+    (`.ds.tmp-18525`) nor no path at all (a full disk's ENOSPC names no file).
+    """
+    return _DESTINATION_ERRNOS.get(error.errno)
 
 
 # `[.]<target>.tmp-<pid>` is a directory being built; `<target>.old-<pid>` one being replaced (see publish).

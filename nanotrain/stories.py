@@ -20,7 +20,7 @@ import os
 import random
 from pathlib import Path
 
-from nanotrain.dataset_format import PrepareError, log, nearest_existing, read_meta, write_dataset
+from nanotrain.dataset_format import PrepareError, UnwritableOutput, log, nearest_existing, read_meta, write_dataset
 
 GENERATOR_VERSION = 1
 
@@ -165,7 +165,7 @@ def prepare_stories(count: int, vocab_size: int, seed: int = 0, verbose: bool = 
         out.parent.mkdir(parents=True, exist_ok=True)
         lock = open(out.parent / f"{out.name}.lock", "w")
     except OSError as e:
-        raise PrepareError(_unwritable_cache(out.parent, e)) from None
+        raise PrepareError(_unwritable_cache(out.parent, e.strerror or str(e))) from None
     with lock, _exclusive(lock):
         if read_meta(out) is not None:
             return out  # another process built it while we waited for the lock
@@ -182,17 +182,19 @@ def prepare_stories(count: int, vocab_size: int, seed: int = 0, verbose: bool = 
         try:
             write_dataset(documents, out, sources=sources, total_bytes=sum(len(s) + 1 for s in stories),
                           vocab_size=vocab_size, seed=seed, verbose=verbose)
+        except UnwritableOutput as e:  # e.g. the disk filled up; the temporary directory is already gone
+            raise PrepareError(_unwritable_cache(out.parent, e.reason)) from None
         except PrepareError as e:  # speak in the config keys the user actually set
             raise PrepareError(f"built-in story corpus: {e}".replace("--vocab_size", "data.stories_vocab_size")) from None
-        except OSError as e:  # e.g. the disk filled up; the temporary directory is already gone
-            raise PrepareError(_unwritable_cache(out.parent, e)) from None
+        except OSError as e:  # any other failure of the cache directory
+            raise PrepareError(_unwritable_cache(out.parent, e.strerror or str(e))) from None
     return out
 
 
-def _unwritable_cache(directory: Path, error: OSError) -> str:
-    """The one-line message for a cache directory that cannot be created or written, and its fix."""
+def _unwritable_cache(directory: Path, reason: str) -> str:
+    """The one-line message, with its fix, for a cache directory that cannot be created or written (`reason`: why)."""
     blocker = nearest_existing(directory)
-    reason = f"'{blocker}' is a file, not a directory" if not blocker.is_dir() else error.strerror or str(error)
+    reason = f"'{blocker}' is a file, not a directory" if not blocker.is_dir() else reason
     return (f"cannot write the built-in corpus cache '{directory}' ({reason}); set NANOTRAIN_CACHE to a writable "
             "directory, or train on a prepared dataset with --data.path=DIR")
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nanotrain.config import load_config
+from nanotrain.data_sources import TokensSource
 from nanotrain.export import export_hf, import_hf
 from nanotrain.hf_tokenizer import HuggingFaceTokenizer
 from nanotrain.inference_checkpoint import load_inference
@@ -102,7 +103,8 @@ def test_prepared_ids_are_the_tokenizers_librarys_own(prepared):
     reference = tokenizers.Tokenizer.from_file(str(path))
     reference.encode_special_tokens = True  # a document's text never becomes a special token
     bos, eos = meta["bos_id"], meta["eos_id"]
-    expected = sorted([bos] + reference.encode(doc, add_special_tokens=False).ids + [eos] for doc in documents)
+    head = [] if style == "gpt2" else [bos]  # GPT-2's <|endoftext|> is BOS and EOS: stored once, after the text
+    expected = sorted(head + reference.encode(doc, add_special_tokens=False).ids + [eos] for doc in documents)
     stored = read_documents(out, meta)
     assert sorted(stored) == expected
     assert meta["tokenizer"]["file"] == "tokenizer.json" and (out / "tokenizer.json").read_bytes() == path.read_bytes()
@@ -110,7 +112,24 @@ def test_prepared_ids_are_the_tokenizers_librarys_own(prepared):
     tok = Tokenizer.load(path)
     spelled = next(ids for ids in stored if "spells" in tok.decode(ids))
     assert tok.decode(spelled) == documents[-1]
-    assert sum(i in (bos, eos) for i in spelled) == 2  # its own BOS and EOS only: the spelled ones are text
+    assert sum(i in (bos, eos) for i in spelled) == len(head) + 1  # its own BOS and EOS only: the spelled ones are text
+
+
+def test_one_separator_between_documents_when_bos_is_eos(prepared):
+    style, path, out, meta, documents = prepared
+    stream = np.fromfile(out / "train.bin", dtype=meta["dtype"]).tolist()
+    bos, eos = meta["bos_id"], meta["eos_id"]
+    doubled = sum(a == b == eos for a, b in zip(stream, stream[1:]))
+    if style == "gpt2":  # A <|endoftext|> B <|endoftext|>, as GPT-2 itself was trained: never two in a row
+        assert meta["document_layout"] == "text EOS" and doubled == 0 and stream[0] != eos and stream[-1] == eos
+        assert stream.count(eos) == meta["splits"]["train"]["documents"]
+    else:
+        assert meta["document_layout"] == "BOS text EOS" and stream[0] == bos and stream[-1] == eos
+    # padded rows start with BOS in either layout, as a prompt does
+    offsets = np.fromfile(out / "train.idx", dtype=np.uint64)
+    first = stream[: int(offsets[1])]
+    row = TokensSource(out).samples("train", 512, padded=True)[0]
+    assert row["input_ids"][row["attention_mask"] == 1].tolist() == ([bos] + first if style == "gpt2" else first)[:512]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,7 @@
 """nanotrain.prepare: shards equal the tokenization, splits are disjoint, bad inputs fail cleanly."""
 
+import builtins
+import errno
 import json
 import os
 import subprocess
@@ -155,6 +157,62 @@ def test_interrupt_leaves_nothing_behind(prepared, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         prepare([str(tmp_path / "ok.txt")], tmp_path / "ds", tokenizer=str(out / "tokenizer.model"), verbose=False)
     assert leftovers(tmp_path) == before
+
+
+def _refusal(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--quiet"])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+def test_a_full_disk_is_named_as_full_at_the_output_directory(prepared, tmp_path, monkeypatch, capsys):
+    out, _ = prepared
+    write_delimited(tmp_path / "ok.txt", DOCS[:20])
+
+    def open_on_a_full_disk(path, mode="r", *args, **kwargs):  # the token files' writes fail with ENOSPC, no file named
+        return builtins.open("/dev/full" if str(path).endswith(".bin") else path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_format, "open", open_on_a_full_disk, raising=False)
+    before = leftovers(tmp_path)
+    err = _refusal([str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", str(out / "tokenizer.model")],
+                   capsys)
+    assert err == (f"error: cannot write --out '{tmp_path / 'ds'}': its file system is out of space (No space left on "
+                   "device); free some space there or choose another --out; nothing was written\n")
+    assert leftovers(tmp_path) == before
+
+
+def test_a_read_only_file_system_is_named_at_the_output_directory(prepared, tmp_path, monkeypatch, capsys):
+    out, _ = prepared
+    write_delimited(tmp_path / "ok.txt", DOCS[:20])
+    (tmp_path / "ro").mkdir()
+    real_mkdir = Path.mkdir
+
+    def mkdir_on_a_read_only_file_system(self, *args, **kwargs):
+        # what the kernel answers there, even to root (whom permission bits do not stop)
+        if self.parent == tmp_path / "ro":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir_on_a_read_only_file_system)
+    err = _refusal([str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ro" / "ds"), "--tokenizer",
+                    str(out / "tokenizer.model")], capsys)
+    # not the temporary '.ds.tmp-PID' beside it, which the user never named
+    assert err == (f"error: cannot write --out '{tmp_path / 'ro' / 'ds'}': Read-only file system; "
+                   "choose a writable --out; nothing was written\n")
+    assert leftovers(tmp_path / "ro") == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="file permissions do not bind root (the read-only test above covers it)")
+def test_a_directory_without_write_permission_is_named_at_the_output_directory(prepared, tmp_path, capsys):
+    out, _ = prepared
+    write_delimited(tmp_path / "ok.txt", DOCS[:20])
+    (tmp_path / "locked").mkdir(mode=0o555)
+    err = _refusal([str(tmp_path / "ok.txt"), "--out", str(tmp_path / "locked" / "ds"), "--tokenizer",
+                    str(out / "tokenizer.model")], capsys)
+    assert err == (f"error: cannot write --out '{tmp_path / 'locked' / 'ds'}': Permission denied; "
+                   "choose a writable --out; nothing was written\n")
 
 
 def test_batched_encoding_writes_the_same_bytes_as_one_document_at_a_time(prepared, tmp_path, monkeypatch):
