@@ -1,8 +1,9 @@
 """Dashboards: the run log's TensorBoard and Weights & Biases sinks, turned on in the `[log]` section.
 
-Each sink gets every number of each train log step and evaluation (the keys of metrics.jsonl:
-loss, lr, grad_norm, tokens_per_sec, mfu_pct, peak_mem_gib, tokens_seen, val_loss, ...) against
-the optimizer step, and the sampled completions as text. A resumed run continues the same curves:
+Each sink gets every number of each train log step and evaluation against the optimizer step,
+named after its metrics.jsonl key in a group: `train/loss`, `train/lr`, `train/epoch`, ...,
+`eval/val_loss`, `eval/val_ppl`, and the sampled completions as text (`eval/samples`). A resumed
+run continues the same curves:
 
 * TensorBoard writes event files under `<train.out_dir>/tensorboard/`; on resume the new writer
   purges the events after the resumed step (work lost in the crash and redone), so each step is
@@ -12,7 +13,9 @@ the optimizer step, and the sampled completions as text. A resumed run continues
   runs offline (`wandb sync` uploads later): a training job never waits on a login prompt.
 
 Each needs an optional extra (`pip install 'nanotrain[tensorboard]'`, `'nanotrain[wandb]'`);
-`check_installed` reports a missing one at start-up, on every rank, before any training.
+`check_installed` reports a missing one at start-up, on every rank, before any training, and
+`check_writable` a directory of theirs that is a file or read-only, before anything is written
+into the run (docs/12-logging-and-dashboards.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import importlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from nanotrain.config import Config
@@ -28,11 +32,16 @@ from nanotrain.files import replace_file
 from nanotrain.run_log import Sink
 
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
 
 class DashboardNotInstalledError(NanotrainError):
     """A dashboard is turned on in the config but its package is not installed."""
+
+
+class DashboardDirectoryError(NanotrainError):
+    """A dashboard's directory in the run directory is a file or cannot be written."""
 
 
 def _import(module: str, extra: str, key: str):
@@ -52,9 +61,59 @@ def check_installed(cfg: Config) -> None:
         _import("wandb", "wandb", "log.wandb_project")
 
 
-def scalars(record: dict) -> dict[str, float]:
-    """The numbers of a step or eval record, the step itself and absent values (None) left out."""
-    return {key: value for key, value in record.items()
+def dashboard_directories(cfg: Config) -> dict[str, Path]:
+    """The directory each dashboard turned on writes into, by the config key that turns it on."""
+    run_dir, directories = Path(cfg.train.out_dir), {}
+    if cfg.log.tensorboard:
+        directories["log.tensorboard"] = run_dir / TENSORBOARD_DIR
+    if cfg.log.wandb_project:
+        directories["log.wandb_project"] = run_dir / WANDB_DIR
+    return directories
+
+
+def check_writable(cfg: Config) -> None:
+    """Create each dashboard's directory; raise DashboardDirectoryError (one line) if one is a file or read-only.
+
+    Rank 0 calls it at set-up, beside the run directory's own checks, so a bad directory stops the
+    run before config.toml or metrics.jsonl is written, not at the first log line.
+    """
+    for key, directory in dashboard_directories(cfg).items():
+        if directory.exists() and not directory.is_dir():
+            raise DashboardDirectoryError(f"{key} writes into '{directory}', which is a file; move the file away, "
+                                          f"or turn {key} off")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):  # unnamed where the OS allows: nothing to clean up
+                pass
+        except OSError as e:
+            raise DashboardDirectoryError(f"{key} writes into '{directory}', which cannot be written "
+                                          f"({e.strerror or e}); make it writable, or turn {key} off") from None
+
+
+def wandb_offline() -> bool:
+    """Whether W&B runs offline: unless WANDB_API_KEY or WANDB_MODE is set, so a job never waits on a login prompt."""
+    return not (os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"))
+
+
+def describe_dashboards(cfg: Config) -> str | None:
+    """Where the dashboards turned on write, for the run's start-up summary; None when both are off."""
+    directories, parts = dashboard_directories(cfg), []
+    if "log.tensorboard" in directories:
+        events = directories["log.tensorboard"]
+        parts.append(f"TensorBoard events in {events} (tensorboard --logdir {events})")
+    if "log.wandb_project" in directories:
+        files = directories["log.wandb_project"]
+        if wandb_offline():
+            mode = f"offline ('wandb sync {files}/offline-run-*' uploads)"
+        else:
+            mode = os.environ.get("WANDB_MODE") or "online"
+        parts.append(f"W&B project {cfg.log.wandb_project} in {files}, {mode}")
+    return "; ".join(parts) or None
+
+
+def scalars(record: dict, group: str) -> dict[str, float]:
+    """The numbers of a step or eval record as `group/key`, the step itself and absent values (None) left out."""
+    return {f"{group}/{key}": value for key, value in record.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
@@ -72,19 +131,19 @@ class TensorBoardSink(Sink):
         self.writer = tensorboard.SummaryWriter(str(Path(run_dir) / TENSORBOARD_DIR),
                                                 purge_step=resumed_step + 1 if resumed_step > 0 else None)
 
-    def _add(self, record: dict) -> None:
-        for key, value in scalars(record).items():
-            self.writer.add_scalar(key, value, record["step"])
+    def _add(self, record: dict, group: str) -> None:
+        for tag, value in scalars(record, group).items():
+            self.writer.add_scalar(tag, value, record["step"])
         self.writer.flush()
 
     def log_step(self, record: dict) -> None:
-        self._add(record)
+        self._add(record, "train")
 
     def log_eval(self, record: dict) -> None:
-        self._add(record)
+        self._add(record, "eval")
 
     def log_samples(self, step: int, samples: list[str]) -> None:
-        self.writer.add_text("samples", samples_text(samples), step)
+        self.writer.add_text("eval/samples", samples_text(samples), step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -103,21 +162,20 @@ class WandbSink(Sink):
         else:
             run_id = secrets.token_hex(6)  # W&B ids: up to 64 of [a-z0-9_-]
             replace_file(id_file, run_id + "\n")
-        configured = os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY")
-        (run_dir / "wandb").mkdir(exist_ok=True)
+        (run_dir / WANDB_DIR).mkdir(exist_ok=True)
         self.wandb = wandb
         self.run = wandb.init(project=cfg.log.wandb_project, dir=str(run_dir), id=run_id, resume="allow",
-                              mode=None if configured else "offline", config=cfg.to_dict(),
+                              mode="offline" if wandb_offline() else None, config=cfg.to_dict(),
                               settings=wandb.Settings(console="off"))  # stdout stays the console sink's
 
     def log_step(self, record: dict) -> None:
-        self.run.log(scalars(record), step=record["step"])
+        self.run.log(scalars(record, "train"), step=record["step"])
 
     def log_eval(self, record: dict) -> None:
-        self.run.log(scalars(record), step=record["step"])
+        self.run.log(scalars(record, "eval"), step=record["step"])
 
     def log_samples(self, step: int, samples: list[str]) -> None:
-        self.run.log({"samples": self.wandb.Table(columns=["sample"], data=[[text] for text in samples])}, step=step)
+        self.run.log({"eval/samples": self.wandb.Table(columns=["sample"], data=[[text] for text in samples])}, step=step)
 
     def close(self) -> None:
         self.run.finish()

@@ -1,14 +1,18 @@
 """The dashboards (nanotrain/dashboards.py): TensorBoard and W&B get what metrics.jsonl gets, across resumes."""
 
 import json
+import math
+import os
 import struct
+import subprocess
 import sys
+from contextlib import contextmanager, nullcontext
 
 import pytest
 
 from nanotrain import train as train_cli
 from nanotrain.config import describe_keys, load_config
-from nanotrain.dashboards import TENSORBOARD_DIR, WANDB_RUN_ID_FILE, TensorBoardSink, samples_text, scalars
+from nanotrain.dashboards import TENSORBOARD_DIR, WANDB_DIR, WANDB_RUN_ID_FILE, TensorBoardSink, samples_text, scalars
 from nanotrain.run_log import read_metrics
 from nanotrain.trainer import train
 
@@ -20,13 +24,14 @@ TINY = [
 
 
 def expected_curves(run) -> dict[str, dict[int, float]]:
-    """metrics.jsonl as dashboard curves: key -> {step: value}; a step twice would be a test failure."""
+    """metrics.jsonl as dashboard curves: train/key or eval/key -> {step: value}; a step twice would be a test failure."""
     records = read_metrics(run)
     curves: dict[str, dict[int, float]] = {}
-    for record in records.steps + records.evals:
-        for key, value in scalars(record).items():
-            assert record["step"] not in curves.setdefault(key, {})
-            curves[key][record["step"]] = value
+    for group, kind in (("train", records.steps), ("eval", records.evals)):
+        for record in kind:
+            for key, value in scalars(record, group).items():
+                assert record["step"] not in curves.setdefault(key, {})
+                curves[key][record["step"]] = value
     return curves
 
 
@@ -38,12 +43,15 @@ def tensorboard_events(directory):
     return events
 
 
-def test_tensorboard_shows_each_metrics_jsonl_number_once_per_step_across_a_resume(tmp_path):
+def test_tensorboard_shows_each_metrics_jsonl_number_once_per_step_across_a_resume(tmp_path, capsys):
     pytest.importorskip("tensorboard")
     run = tmp_path / "run"
     common = TINY + ["--data.source=random", f"--train.out_dir={run}", "--log.tensorboard=true",
                      "--checkpoint.interval=2"]
     train(load_config(None, common + ["--train.max_steps=4"]))
+    events_dir = run / TENSORBOARD_DIR
+    assert f"dashboards   TensorBoard events in {events_dir} (tensorboard --logdir {events_dir})" in \
+        capsys.readouterr().out.splitlines()
     before_the_crash = expected_curves(run)
     # Back to step 2, as after a crash that lost steps 3-4; a new learning rate makes the redone steps differ.
     train(load_config(None, common + ["--train.max_steps=5", "--train.lr=3e-3",
@@ -51,14 +59,17 @@ def test_tensorboard_shows_each_metrics_jsonl_number_once_per_step_across_a_resu
 
     events = tensorboard_events(run / TENSORBOARD_DIR)
     expected = expected_curves(run)
-    assert set(expected) >= {"loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "val_loss"}
+    assert set(expected) >= {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens_seen",
+                             "eval/val_loss", "eval/val_ppl"}
     assert set(events.Tags()["scalars"]) == set(expected)
     for key, curve in expected.items():
         logged = [(event.step, event.value) for event in events.Scalars(key)]
         assert [step for step, _ in logged] == sorted(curve), key  # every step once, in order
         assert [value for _, value in logged] == pytest.approx([curve[step] for step in sorted(curve)], rel=1e-6)
-    assert [event.step for event in events.Scalars("lr")] == [1, 2, 3, 4, 5]
-    assert expected["lr"][3] != pytest.approx(before_the_crash["lr"][3])  # so the redone step's values are shown
+    assert [event.step for event in events.Scalars("train/lr")] == [1, 2, 3, 4, 5]
+    assert expected["train/lr"][3] != pytest.approx(before_the_crash["train/lr"][3])  # the redone step's values shown
+    assert [event.value for event in events.Scalars("eval/val_ppl")] == pytest.approx(
+        [math.exp(event.value) for event in events.Scalars("eval/val_loss")], rel=1e-5)
 
 
 def test_tensorboard_sink_writes_samples_as_text_at_their_step(tmp_path):
@@ -69,7 +80,8 @@ def test_tensorboard_sink_writes_samples_as_text_at_their_step(tmp_path):
         sink.log_samples(step, texts)
     sink.close()
     events = tensorboard_events(tmp_path / TENSORBOARD_DIR)
-    texts = {event.step: event.tensor_proto.string_val[0].decode() for event in events.Tensors("samples/text_summary")}
+    texts = {event.step: event.tensor_proto.string_val[0].decode()
+             for event in events.Tensors("eval/samples/text_summary")}
     assert texts == {step: samples_text(texts) for step, texts in samples.items()}
     assert "a cat" in texts[2] and "the dog" in texts[4]
 
@@ -129,7 +141,7 @@ def test_wandb_offline_run_holds_the_metrics_jsonl_numbers_and_a_resume_continue
                     assert row["_step"] not in logged.setdefault(key, {})
                     logged[key][row["_step"]] = value
     expected = expected_curves(run)
-    assert set(logged) == set(expected) and "val_loss" in logged
+    assert set(logged) == set(expected) and {"train/loss", "eval/val_loss", "eval/val_ppl"} <= set(logged)
     for key, curve in expected.items():
         assert logged[key] == pytest.approx(curve, rel=1e-6), key
 
@@ -153,3 +165,47 @@ def test_a_dashboard_without_its_package_is_one_error_line_before_training(
 
 def test_log_section_is_listed_in_help_config():
     assert "--log.tensorboard=false" in describe_keys() and '--log.wandb_project=""' in describe_keys()
+
+
+@contextmanager
+def unwritable(directory):
+    """`directory` made read-only for this process: by its mode bits, or (mode bits do not bind root) immutable."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        yield
+        directory.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode != 0:
+        pytest.skip("running as root where chattr +i is not available (not ext4, or no CAP_LINUX_IMMUTABLE)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+@pytest.mark.parametrize("flag, directory", [
+    ("--log.tensorboard=true", TENSORBOARD_DIR),
+    ("--log.wandb_project=demo", WANDB_DIR),
+])
+@pytest.mark.parametrize("problem", ["a file", "read-only"])
+def test_a_dashboard_directory_that_is_a_file_or_read_only_is_one_error_line_before_anything_is_written(
+        tmp_path, capsys, flag, directory, problem):
+    pytest.importorskip("tensorboard" if "tensorboard" in flag else "wandb")
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / directory
+    if problem == "a file":
+        path.write_text("not a directory\n")
+        blocked = nullcontext()
+    else:
+        path.mkdir()
+        blocked = unwritable(path)
+    with blocked, pytest.raises(SystemExit) as exit_info:
+        train_cli.main(TINY + ["--data.source=random", "--train.max_steps=2", f"--train.out_dir={run}", flag])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    key = flag[2:].split("=")[0]
+    expected = "which is a file" if problem == "a file" else "which cannot be written"
+    assert len(err) == 1 and err[0].startswith(f"error: {key} writes into '{path}', {expected}"), err
+    assert f"or turn {key} off" in err[0]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", directory]  # no config.toml, no metrics.jsonl
