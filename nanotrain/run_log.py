@@ -1,7 +1,8 @@
 """The run log: the loop reports each event once, and sinks write it where it belongs.
 
 The loop calls `log_step(record)` at every log step, `log_eval(record)` after every evaluation
-and `log_samples(step, samples)` after every sampling; `RunLog` hands each call to its sinks.
+and `log_samples(step, samples)` after every sampling; `RunLog` hands each call to its sinks
+(an evaluation with its perplexity added, so every sink shows the same `val_ppl`).
 Two sinks exist: `ConsoleSink` (the log line on stdout) and `JsonlSink` (`metrics.jsonl` in the
 run directory). Only the main process has sinks, so every rank may call the run log.
 
@@ -31,10 +32,10 @@ class Sink:
     """One destination of the run log; each event it has no use for is ignored."""
 
     def log_step(self, record: dict) -> None:
-        """A train log step: step, loss, lr, grad_norm, the speed fields, tokens_seen, elapsed_s, eta_s."""
+        """A train log step: step, loss, lr, grad_norm, the speed fields, tokens_seen, epoch, elapsed_s, eta_s."""
 
     def log_eval(self, record: dict) -> None:
-        """An evaluation: step and val_loss."""
+        """An evaluation: step, val_loss and val_ppl."""
 
     def log_samples(self, step: int, samples: list[str]) -> None:
         """Completions sampled from the model at `step`."""
@@ -52,10 +53,23 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), capped (at exp(50)) so that a diverged loss gives a number, not an overflow."""
+    return math.exp(min(loss, 50.0))
+
+
+def format_epochs(epochs: float) -> str:
+    """Passes over the train split: three significant digits below one (0.0517, 0.620), two decimals above (1.37)."""
+    return f"{epochs:#.3g}" if epochs < 1 else f"{epochs:.2f}"
+
+
 def format_step(record: dict, max_steps: int) -> str:
     """The one line printed every train.log_every steps."""
-    parts = [
-        f"step {record['step']:>6}/{max_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
+    parts = [f"step {record['step']:>6}/{max_steps}"]
+    if record.get("epoch") is not None:  # the random source is endless: no epochs
+        parts.append(f"epoch {format_epochs(record['epoch'])}")
+    parts += [
+        f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
         f"grad norm {record['grad_norm']:.3f}", f"{record['tokens_per_sec']:,.0f} tok/s",
     ]
     if record.get("tokens_per_sec_per_rank", record["tokens_per_sec"]) != record["tokens_per_sec"]:
@@ -73,7 +87,7 @@ def format_step(record: dict, max_steps: int) -> str:
 def format_eval(record: dict, max_steps: int) -> str:
     """The line printed after each evaluation: val loss and perplexity."""
     val_loss = record["val_loss"]
-    return f"step {record['step']:>6}/{max_steps} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}"
+    return f"step {record['step']:>6}/{max_steps} | val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}"
 
 
 class ConsoleSink(Sink):
@@ -167,6 +181,7 @@ class RunLog:
             sink.log_step(record)
 
     def log_eval(self, record: dict) -> None:
+        record = {**record, "val_ppl": perplexity(record["val_loss"])}
         for sink in self.sinks:
             sink.log_eval(record)
 

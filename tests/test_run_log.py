@@ -9,7 +9,8 @@ from nanotrain import run_log
 from nanotrain.config import load_config
 from nanotrain.errors import NanotrainError
 from nanotrain.parallel_dims import ParallelDims
-from nanotrain.run_log import ConsoleSink, JsonlSink, RunLog, Sink, format_step, read_metrics
+from nanotrain.data import build_data
+from nanotrain.run_log import ConsoleSink, JsonlSink, RunLog, Sink, format_epochs, format_eval, format_step, read_metrics
 from nanotrain.trainer import train
 
 TINY = [
@@ -19,7 +20,7 @@ TINY = [
 ]
 STEP_RECORD = {"step": 5, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_sec": 2000.0,
                "tokens_per_sec_per_rank": 1000.0, "mfu_pct": 41.5, "peak_mem_gib": 1.25, "peak_mem_pct": 5.0,
-               "data_ms": 3.0, "compute_ms": 97.0, "tokens_seen": 640, "elapsed_s": 10, "eta_s": 20}
+               "data_ms": 3.0, "compute_ms": 97.0, "tokens_seen": 640, "epoch": 1.374, "elapsed_s": 10, "eta_s": 20}
 
 
 class Recorder(Sink):
@@ -48,12 +49,18 @@ def test_an_added_sink_receives_exactly_what_the_console_and_metrics_jsonl_get(
     chosen = run_log.choose_sinks
     monkeypatch.setattr(run_log, "choose_sinks", lambda cfg, resumed_step: [*chosen(cfg, resumed_step), recorder])
     run = tmp_path / "run"
-    train(load_config(None, TINY + [f"--data.path={data}", "--model.vocab_size=320", "--train.max_steps=4",
-                                    "--train.sample_tokens=3", "--checkpoint.interval=0", f"--train.out_dir={run}"]))
+    cfg = load_config(None, TINY + [f"--data.path={data}", "--model.vocab_size=320", "--train.max_steps=4",
+                                    "--train.sample_tokens=3", "--checkpoint.interval=0", f"--train.out_dir={run}"])
+    train(cfg)
 
     kinds = [kind for kind, _ in recorder.events]
     assert kinds == ["step", "eval", "samples"] * 2 and recorder.closed
     assert [record["step"] for _, record in recorder.events] == [2, 2, 2, 4, 4, 4]
+    # epochs: the step's global batches (4 windows each) over the train split's windows; perplexity: exp(val loss)
+    windows = build_data(cfg).train.order.num_samples
+    assert [record["epoch"] for kind, record in recorder.events if kind == "step"] == [8 / windows, 16 / windows]
+    assert all(record["val_ppl"] == pytest.approx(math.exp(record["val_loss"]))
+               for kind, record in recorder.events if kind == "eval")
     # metrics.jsonl holds the same records, one JSON line each, in the same order
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert lines == [json.dumps(record) for _, record in recorder.events]
@@ -63,13 +70,14 @@ def test_an_added_sink_receives_exactly_what_the_console_and_metrics_jsonl_get(
         if kind == "step":
             expected.append(format_step(record, 4))
         elif kind == "eval":
-            loss = record["val_loss"]
-            expected.append(f"step {record['step']:>6}/4 | val loss {loss:.4f} | val ppl {math.exp(min(loss, 50)):.2f}")
+            expected.append(format_eval(record, 4))
         else:
             expected += [f"sample: {text!r}" for text in record["samples"]]
     out = capsys.readouterr().out.splitlines()
     first = out.index(expected[0])
     assert out[first:first + len(expected)] == expected
+    data_line = next(line for line in out if line.startswith("data "))
+    assert f"{windows:,} train windows of 16 tokens (packed), {format_epochs(16 / windows)} epochs in 4 steps" in data_line
     assert read_metrics(run).samples == [record for kind, record in recorder.events if kind == "samples"]
 
 
@@ -101,6 +109,7 @@ def test_a_resumed_run_logs_every_step_once(tmp_path):
     records = read_metrics(run).steps
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert records[4]["loss"] == result.losses[5] != 99.0
+    assert all(r["epoch"] is None for r in records)  # the random source is endless: no epochs
 
 
 def test_console_sink_prints_the_log_lines(capsys):
@@ -109,12 +118,15 @@ def test_console_sink_prints_the_log_lines(capsys):
     sink.log_eval({"step": 5, "val_loss": 2.0})
     sink.log_samples(5, ["a 'b'", "c"])
     assert capsys.readouterr().out.splitlines() == [
-        "step      5/10 | loss 2.0000 | lr 1.00e-03 | grad norm 0.500 | 2,000 tok/s (1,000/rank) | MFU 41.5% | "
-        "mem 1.25 GiB (5%) | data 3 ms + compute 97 ms | elapsed 00:10 | eta 00:20",
+        "step      5/10 | epoch 1.37 | loss 2.0000 | lr 1.00e-03 | grad norm 0.500 | 2,000 tok/s (1,000/rank) | "
+        "MFU 41.5% | mem 1.25 GiB (5%) | data 3 ms + compute 97 ms | elapsed 00:10 | eta 00:20",
         "step      5/10 | val loss 2.0000 | val ppl 7.39",
         "sample: \"a 'b'\"",
         "sample: 'c'",
     ]
+    assert format_step({**STEP_RECORD, "epoch": None}, 10).startswith("step      5/10 | loss 2.0000 |")
+    assert [format_epochs(epochs) for epochs in (0.000123, 0.0517, 0.62, 0.999, 1.374, 12.5)] == [
+        "0.000123", "0.0517", "0.620", "0.999", "1.37", "12.50"]
 
 
 def test_only_the_main_process_has_sinks(tmp_path):

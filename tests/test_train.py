@@ -15,6 +15,7 @@ from nanotrain.config import TrainConfig, load_config
 from nanotrain.data import unigram_entropy
 from nanotrain.divergence import DivergenceError, DivergenceGuard
 from nanotrain.model import build_model
+from nanotrain.run_log import read_metrics
 from nanotrain.stories import prepare_stories
 from nanotrain.trainer import train
 
@@ -64,6 +65,26 @@ def test_same_seed_same_losses_and_run_files(tmp_path):
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec"} <= set(r)
         assert r["loss"] == first.losses[r["step"]]
     assert [r["val_loss"] for r in records if "val_loss" in r] == [first.val_losses[2], first.val_losses[4]]
+
+
+def test_extending_a_finished_run_names_its_lr_jump_and_decay_steps_keeps_the_floor(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = RANDOM + [f"--train.out_dir={run}", "--train.eval_every=0"]  # lr 2e-3, floor 2e-4, warmup 5 steps
+    train(load_config(None, args + ["--train.max_steps=4"]))
+    assert ("note: optim.warmup_steps = 5 is not shorter than the run (train.max_steps = 4): the learning rate only "
+            "ramps up, to 1.60e-03 at the last step") in capsys.readouterr().out
+    # 4 -> 8 stretches the cosine: step 5 still warms up as before, step 6 jumps from the old schedule's floor
+    train(load_config(None, args + ["--train.max_steps=8"]))
+    out = capsys.readouterr().out
+    assert ("resume: the learning-rate schedule differs from the checkpoint's (train.max_steps 4 -> 8): step 6 trains "
+            "at lr 2.00e-03 where the checkpoint's schedule gives 2.00e-04; the cosine now ends at step 8, not 4 "
+            "(--optim.decay_steps=4 keeps the checkpoint's)") in out.splitlines()
+    assert "note: optim.warmup_steps" not in out
+    # continued with the cosine's end kept at step 8: the floor, and no schedule line
+    train(load_config(None, args + ["--train.max_steps=10", "--optim.decay_steps=8"]))
+    assert "learning-rate schedule" not in capsys.readouterr().out
+    lrs = {record["step"]: record["lr"] for record in read_metrics(run).steps}
+    assert lrs[6] == pytest.approx(2e-3) and lrs[9] == lrs[10] == pytest.approx(2e-4)  # step k logs update k's lr
 
 
 # ---- divergence: non-finite and spiking losses, skipped updates (nanotrain/divergence.py) ----------------
