@@ -32,6 +32,7 @@ from nanotrain.config import ConfigError, load_config
 from nanotrain.evaluation import evaluate_checkpoint
 from nanotrain.model import build_model
 from nanotrain.parallel_dims import ParallelDims
+from nanotrain.tensor_parallel import vocabulary_starts
 from nanotrain.trainer import train
 from test_distributed import (
     REPO, STEPS, TOLERANCE, WORKER, layout_overrides, max_loss_difference, relative_difference, worker_env,
@@ -297,6 +298,31 @@ def test_head_counts_tp_does_not_divide_are_refused_in_one_line(key, value):
     with pytest.raises(ConfigError, match=f"model.{key} = {value} cannot be split over parallel.tp = 4"):
         load_config(None, ["--parallel.tp=4", "--model.n_heads=8", "--model.n_kv_heads=4", "--model.d_model=64",
                                f"--model.{key}={value}"])
+
+
+# n_heads and d_ff that every tp from 2 to 6 divides, so only the vocabulary can be refused
+EVERY_TP_DIVIDES = ["--model.n_heads=60", "--model.n_kv_heads=0", "--model.d_model=120", "--model.d_ff=120", "--data.source=random"]
+
+
+@pytest.mark.parametrize("vocab, tp, without", [(1, 2, 1), (5, 4, 1), (9, 4, 1), (2, 6, 4)])
+def test_a_vocabulary_too_small_for_every_tp_process_to_hold_a_row_is_refused_in_one_line(vocab, tp, without):
+    with pytest.raises(ConfigError, match=rf"^model.vocab_size = {vocab} cannot be split over parallel.tp = {tp} "
+                                          rf"processes: each needs at least one vocabulary row, and shares of "
+                                          rf"ceil\({vocab}/{tp}\) = \d+ leave {without} of the {tp} without any"):
+        load_config(None, [*EVERY_TP_DIVIDES, f"--parallel.tp={tp}", f"--model.vocab_size={vocab}"])
+
+
+def test_the_vocabulary_check_accepts_exactly_the_splits_that_give_every_process_rows():
+    for tp in range(2, 7):
+        for vocab in range(1, 50):
+            starts = vocabulary_starts(vocab, tp)  # the split the tp model uses
+            every_process_has_rows = all(end > start for start, end in zip(starts, starts[1:]))
+            try:
+                load_config(None, [*EVERY_TP_DIVIDES, f"--parallel.tp={tp}", f"--model.vocab_size={vocab}"])
+                accepted = True
+            except ConfigError:
+                accepted = False
+            assert accepted == every_process_has_rows, (vocab, tp)
 
 
 def test_tensor_parallelism_without_torchrun_is_one_error_line(tmp_path):
