@@ -3,7 +3,9 @@
 Every reader starts here: `verify` checks the manifest's sizes and hashes before anything in the
 directory is deserialised, so a truncated or altered file is refused with its name. Writing the
 files is shared by training checkpoints (checkpoint.py) and inference checkpoints
-(inference_checkpoint.py); `list_checkpoints` finds a run's published ones.
+(inference_checkpoint.py); `list_checkpoints` finds a run's published ones, `newest_checkpoint`
+the one a run directory stands for. A Hugging Face model directory is told apart and refused with
+the import command (docs/09-checkpointing.md, docs/10-generation-and-export.md).
 """
 
 from __future__ import annotations
@@ -66,7 +68,23 @@ def write_weights(file: Path, state_dict: dict, cfg: Config) -> None:
     metadata = {"format": "pt", "nanotrain_format_version": str(FORMAT_VERSION)}
     if cfg.model.tie_embeddings:
         metadata["tied"] = f"{TIED_HEAD}=tok_embeddings.weight"
+    write_safetensors(file, tensors, metadata)
+
+
+def write_safetensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """safetensors' save_file, leaving the file readable as every other file written (open()'s 0666 minus the umask).
+
+    save_file writes a private temporary file (0600) and renames it over `file`.
+    """
     save_file(tensors, str(file), metadata=metadata)
+    os.chmod(file, 0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    """The process's umask; reading it means setting it, so the moment between errs on the private side."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def write_manifest(directory: Path, step: int | None, kind: str) -> None:
@@ -91,6 +109,13 @@ def verify(path: str | Path, kind: str | None = None) -> dict:
     path = Path(path)
     require_directory(path)
     if not (path / MANIFEST).is_file():
+        if is_hugging_face_directory(path):
+            raise CheckpointError(
+                f"'{path}' is a Hugging Face model directory (config.json, *.safetensors), not a nanotrain checkpoint; "
+                f"import it with `python -m nanotrain.export --hf {path} --out CKPT` and pass CKPT")
+        if (path / "checkpoints").is_dir() or any(path.glob("step_*")):
+            raise CheckpointError(f"'{path}' holds no complete checkpoint (a step_*/ directory with {MANIFEST}), "
+                                  "neither in it nor in its checkpoints/ folder; a run saves one every checkpoint.interval steps")
         raise CheckpointError(f"checkpoint '{path}' has no {MANIFEST}: it is incomplete (a save was interrupted) or not a nanotrain checkpoint")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -128,6 +153,11 @@ def require_directory(path: Path) -> None:
         raise CheckpointError(f"checkpoint '{path}' is a file, not a directory; pass the checkpoint directory "
                               f"(the one that holds {MANIFEST})")
     raise CheckpointError(f"checkpoint '{path}' does not exist")
+
+
+def is_hugging_face_directory(path: Path) -> bool:
+    """A model directory as transformers saves it: config.json beside *.safetensors weights, no manifest."""
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors")) and not (path / MANIFEST).exists()
 
 
 def tokenizer_file(path: Path) -> Path | None:
@@ -195,6 +225,15 @@ def step_dir_name(step: int) -> str:
 def checkpoint_root(cfg: Config) -> Path:
     """Where a run's `step_*` checkpoints go: `checkpoint.dir`, or `<train.out_dir>/checkpoints`."""
     return Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
+
+
+def newest_checkpoint(path: Path) -> Path | None:
+    """The newest published checkpoint of a run directory (`<run>/checkpoints/`) or a checkpoints folder; None: none."""
+    for root in (path, path / "checkpoints"):
+        found = list_checkpoints(root)
+        if found:
+            return found[0][1]
+    return None
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:

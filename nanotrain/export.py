@@ -31,9 +31,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from nanotrain.checkpoint_files import tokenizer_file
+from nanotrain.checkpoint_files import tokenizer_file, write_safetensors
 from nanotrain.config import Config, ConfigError, validate
 from nanotrain.errors import ArgumentParser, exit_on_error
 from nanotrain.files import atomic_directory
@@ -208,7 +207,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     # Built first: a tokenizer that cannot be translated is refused before anything is written.
     tokenizer_jsons = tokenizer_files(tokenizer, cfg.model.max_position_embeddings) if tokenizer is not None else {}
     with atomic_directory(out, hidden=True) as temp:
-        save_file(hf_state_dict(model), temp / "model.safetensors", metadata={"format": "pt"})
+        write_safetensors(temp / "model.safetensors", hf_state_dict(model), metadata={"format": "pt"})
         _write_json(temp / "config.json", hf_config(cfg.model, tokenizer))
         generation = {"_from_model_config": False}
         generation.update({k: v for k, v in hf_config(cfg.model, tokenizer).items() if k.endswith("_token_id")})
@@ -336,7 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     wanted = args.format or ("hf" if args.checkpoint else "nanotrain")
     if args.checkpoint and wanted == "hf":
-        print(f"wrote Hugging Face LlamaForCausalLM directory {export_hf(args.checkpoint, args.out)}")
+        from nanotrain.inference_checkpoint import find_checkpoint
+
+        print(f"wrote Hugging Face LlamaForCausalLM directory {export_hf(find_checkpoint(args.checkpoint), args.out)}")
     elif args.hf and wanted == "nanotrain":
         print(f"wrote nanotrain checkpoint {import_hf(args.hf, args.out)}")
     else:

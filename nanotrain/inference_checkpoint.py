@@ -2,17 +2,20 @@
 
 Any checkpoint opens this way, a training checkpoint too (its extra files are ignored); a
 weights-only one written by `save_inference` cannot resume training (checkpoint.py says so).
+The commands' --checkpoint goes through `find_checkpoint` first, so a run directory or its
+checkpoints/ folder stands for its newest complete checkpoint (docs/10-generation-and-export.md).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from nanotrain.checkpoint_files import (
-    CONFIG, WEIGHTS, CheckpointError, read_weights, tokenizer_file, verify, write_bytes, write_manifest, write_text,
-    write_weights,
+    CONFIG, MANIFEST, WEIGHTS, CheckpointError, newest_checkpoint, read_weights, tokenizer_file, verify, write_bytes,
+    write_manifest, write_text, write_weights,
 )
 from nanotrain.config import Config, ConfigError, load_config
 from nanotrain.files import atomic_directory
@@ -40,6 +43,23 @@ def save_inference(path: str | Path, model_state_dict: dict, cfg: Config, tokeni
             write_bytes(tmp / tokenizer.file_name, tokenizer.file_bytes)
         write_manifest(tmp, step=None, kind="inference")
     return path
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A command's --checkpoint: a checkpoint directory as given, or the newest complete one (a directory
+    with a manifest) in a run directory or its checkpoints/ folder, named in a note on stderr.
+
+    Anything else is returned as given, for `verify` to say what it is (a Hugging Face directory, an
+    interrupted save, nothing).
+    """
+    path = Path(path)
+    if (path / MANIFEST).is_file() or not path.is_dir():
+        return path
+    newest = newest_checkpoint(path)
+    if newest is None:
+        return path
+    print(f"note: using {newest}, the newest complete checkpoint in {path}", file=sys.stderr)
+    return newest
 
 
 def load_inference(path: str | Path, device: str | torch.device = "cpu"):

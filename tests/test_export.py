@@ -263,3 +263,20 @@ def test_cli_export_refuses_an_existing_output(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")])
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_written_file_has_the_same_mode(tmp_path, tokenizer_path, umask):
+    """model.safetensors too: safetensors writes a private (0600) file, nanotrain gives it the umask's mode."""
+    import os
+
+    previous = os.umask(umask)
+    try:
+        ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
+        hf = export_hf(ckpt, tmp_path / "hf")
+        back = import_hf(hf, tmp_path / "back")
+    finally:
+        os.umask(previous)
+    for directory in (ckpt, hf, back):
+        modes = {path.name: oct(path.stat().st_mode & 0o777) for path in directory.iterdir()}
+        assert "model.safetensors" in modes and set(modes.values()) == {oct(0o666 & ~umask)}, modes
