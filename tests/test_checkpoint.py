@@ -796,6 +796,25 @@ def test_a_refused_resume_stops_every_rank_in_one_line(tmp_path):
     assert "exitcode  : 2" in result.stderr and "SIGTERM" not in result.stderr.split("Failures:")[-1]
 
 
+def run_files(run: Path) -> dict[str, bytes]:
+    """Every file of a run directory and its bytes, but the lock, which records whichever job took it last."""
+    return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file() and f.name != ".lock"}
+
+
+def test_a_resume_refused_on_every_rank_prints_once_and_changes_no_file(tmp_path, ddp_reference):
+    """Each rank finds the other global batch itself: rank 0's line is the job's one, and the run stays as it was."""
+    out = copy_run(ddp_reference, tmp_path / "run")
+    before = run_files(out)
+    result = torchrun(args_for(out, "--train.batch_size=4", "--train.max_steps=8", "--model.dropout=0.1"))
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [f"error: cannot resume from {out / 'checkpoints' / 'step_00000006'}: the global batch "
+                      "(grad_accum_steps x data-parallel ranks x batch_size) is 4 there but 8 now, which changes the "
+                      "data order; restore those settings, or start a new run (checkpoint.resume=none and a new "
+                      "train.out_dir)"], result.stderr[-3000:]
+    assert "exitcode  : 2" in result.stderr and "/nanotrain/" not in result.stderr, result.stderr[-3000:]
+    assert run_files(out) == before  # config.toml, metrics.jsonl and every checkpoint untouched, no temporaries
+
+
 def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(tmp_path):
     """Rank 1 alone fails to write its rank file: every rank stops, rank 0 prints rank 1's line, nothing is published."""
     out = tmp_path / "run"
