@@ -7,6 +7,8 @@ batch; `attention_mask` hides the padding and the model derives positions from i
 row decodes exactly as it would alone. A KV cache (`model.new_kv_cache`) keeps the keys and
 values of past tokens, so each step runs the model on one new token per row instead of the
 whole sequence; `use_cache=False` recomputes everything and exists to prove the two agree.
+A sequence longer than the model's context is seen through its last context tokens (nanoGPT's
+crop); the empty prompt is BOS alone (unconditional sampling). Chapter: docs/10-generation-and-export.md.
 
 Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, then `filter_logits`
 keeps the top-k tokens and the smallest set holding top-p of the probability, and a seeded
@@ -19,6 +21,7 @@ greedy, a fixed number of steps) and only rank 0 prints.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 
 import torch
@@ -63,8 +66,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):  # NaN fails every comparison: ask for what is valid
+        raise GenerationError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise GenerationError(f"top_k must be >= 0 (0 = no top-k filter), got {top_k}")
     if not 0 < top_p <= 1:
@@ -72,7 +75,15 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 
 
 def check_device(name: str) -> str:
-    """A --device value that exists here, or a one-line error (before any loading starts)."""
+    """A --device value that exists here, or a one-line error (before any loading starts).
+
+    "auto" follows training's rule (distributed.pick_device): the first CUDA device when one is
+    visible, else the CPU.
+    """
+    if name == "auto":
+        from nanotrain.distributed import pick_device
+
+        return str(pick_device("auto", local_rank=0))
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -95,8 +106,14 @@ def generate(model: torch.nn.Module, prompt_ids: list[list[int]], max_new_tokens
 
     Returns the new tokens per prompt. A row stops after it produces `eos_id` (which ends its
     list); the batch stops when every row has stopped, unless `stop_when_all_done` is False (then
-    exactly max_new_tokens forwards run, which keeps sharded ranks in lockstep). The prompt plus
-    max_new_tokens must fit in the model's context (model.max_position_embeddings).
+    exactly max_new_tokens forwards run, which keeps sharded ranks in lockstep).
+
+    Each token is predicted from at most the model's context (model.max_position_embeddings) of
+    the tokens before it, as nanoGPT crops: a longer prompt, or one that grows past the context,
+    is seen through its last `context` tokens, re-positioned from 0. With the cache, once the
+    window is full it slides by one token per step, which moves every position, so each such
+    step re-prefills the cache from the window: one full-window forward per token, as without
+    the cache.
 
     `model` is the plain Transformer (unwrap DDP first) or an FSDP2 module called on every rank.
     `cache_dtype` is the dtype the forward produces keys and values in, when it differs from the
@@ -108,16 +125,11 @@ def generate(model: torch.nn.Module, prompt_ids: list[list[int]], max_new_tokens
     vocab_size = model.config.vocab_size
     if any(not 0 <= t < vocab_size for p in prompt_ids for t in p):
         raise GenerationError(f"prompt token ids must be in [0, {vocab_size})")
-    longest = max(len(p) for p in prompt_ids)
-    if longest + max_new_tokens > context_length(model):
-        raise GenerationError(
-            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of "
-            f"{context_length(model)} tokens; shorten the prompt or lower max_new_tokens"
-        )
-
     if max_new_tokens == 0:
         return [[] for _ in prompt_ids]
 
+    context = context_length(model)
+    longest = max(len(p) for p in prompt_ids)
     device = model.lm_head.weight.device
     batch = len(prompt_ids)
     ids = torch.full((batch, longest), pad_id, dtype=torch.long)
@@ -129,16 +141,23 @@ def generate(model: torch.nn.Module, prompt_ids: list[list[int]], max_new_tokens
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     cache = None
     if use_cache:
-        total = longest + max_new_tokens
-        cache = (model.new_kv_cache(batch, total) if cache_dtype is None
-                 else KVCache(model.config, batch, total, device=device, dtype=cache_dtype))
+        capacity = min(longest + max_new_tokens, context)
+        cache = (model.new_kv_cache(batch, capacity) if cache_dtype is None
+                 else KVCache(model.config, batch, capacity, device=device, dtype=cache_dtype))
+
+    def window_forward():
+        """The whole window (the last `context` columns) through the model; refills the cache."""
+        if cache is not None:
+            cache.length = 0
+        start = max(0, ids.size(1) - context)
+        return model(ids[:, start:], attention_mask=mask[:, start:], kv_cache=cache)[0]
 
     completions: list[list[int]] = [[] for _ in range(batch)]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     was_training = model.training
     model.eval()
     try:
-        logits, _ = model(ids, attention_mask=mask, kv_cache=cache)  # prefill: the whole prompt
+        logits = window_forward()  # prefill: the (cropped) prompt
         for step in range(max_new_tokens):
             next_ids = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
             next_ids = next_ids.masked_fill(finished, pad_id)  # stopped rows only carry padding
@@ -149,23 +168,28 @@ def generate(model: torch.nn.Module, prompt_ids: list[list[int]], max_new_tokens
             if step == max_new_tokens - 1 or (stop_when_all_done and bool(finished.all())):
                 break
             # A stopped row's padding is masked out, like the prompt's, so it cannot matter.
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
             mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
-            if use_cache:
-                logits, _ = model(next_ids[:, None], attention_mask=mask, kv_cache=cache)
+            if cache is not None and cache.length < cache.max_len:  # the cache holds the columns from start on
+                start = ids.size(1) - 1 - cache.length
+                logits, _ = model(next_ids[:, None], attention_mask=mask[:, start:], kv_cache=cache)
             else:
-                ids = torch.cat([ids, next_ids[:, None]], dim=1)
-                logits, _ = model(ids, attention_mask=mask)
+                logits = window_forward()
     finally:
         model.train(was_training)
     return completions
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a prompt, starting with BOS as every training document does."""
-    if not text.strip():
-        raise GenerationError("empty prompt: pass some text with --prompt")
+    """Token ids of a prompt, starting with BOS as every training document does.
+
+    The empty prompt is BOS alone: the model samples a document from its start (unconditionally).
+    """
     bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-    return bos + tokenizer.encode(text)
+    if not text and not bos:
+        raise GenerationError("empty prompt, and this tokenizer has no BOS token to start a document from; "
+                              "pass some text with --prompt")
+    return bos + tokenizer.encode(text) if text else bos
 
 
 def complete(model, tokenizer, prompts: list[str], max_new_tokens: int, **sampling) -> list[str]:
@@ -184,18 +208,15 @@ def sample_completions(model: torch.nn.Module, tokenizer, train_cfg, precision=N
     Greedy decoding and a fixed number of forwards make all ranks issue the same collectives,
     which FSDP needs; the caller prints on rank 0 only. Returns [] when there is nothing to do
     (no tokenizer, as with data.source = "random", no prompts, or sample_tokens = 0).
-    Prompts too long for the context are shortened to their last tokens rather than failing
-    the run.
+    Prompts too long for the context are seen through their last tokens, as in `generate`.
     """
     if tokenizer is None or not train_cfg.sample_prompts or train_cfg.sample_tokens == 0:
         return []
-    max_new_tokens = min(train_cfg.sample_tokens, context_length(model) - 1)
-    keep = context_length(model) - max_new_tokens
-    prompt_ids = [encode_prompt(tokenizer, p)[-keep:] for p in train_cfg.sample_prompts]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in train_cfg.sample_prompts]
     autocast = precision.autocast() if precision is not None else nullcontext()
     cache_dtype = precision.kv_cache_dtype if precision is not None else None
     with autocast:
-        completions = generate(model, prompt_ids, max_new_tokens, temperature=0.0,
+        completions = generate(model, prompt_ids, train_cfg.sample_tokens, temperature=0.0,
                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                stop_when_all_done=False, cache_dtype=cache_dtype)
     return [tokenizer.decode(p + c) for p, c in zip(prompt_ids, completions)]

@@ -100,15 +100,35 @@ def test_seeded_sampling_is_reproducible():
     assert a == b and a != c
 
 
-def test_generation_refuses_what_does_not_fit():
-    model = tiny_model("llama")  # context 48
-    with pytest.raises(GenerationError, match="exceeds the model's context of 48"):
-        generate(model, [[1] * 40], 9)
-    assert len(generate(model, [[1] * 40], 8, temperature=0)[0]) == 8  # exactly fits
+def nanogpt_crop(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy tokens as nanoGPT generates them: each step a plain forward over the last context tokens."""
+    context, sequence = model.config.max_position_embeddings, list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits, _ = model(torch.tensor([sequence[-context:]]))
+            sequence.append(int(logits[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gpt"])
+def test_past_the_context_each_token_sees_the_last_context_tokens(flavour):
+    model = tiny_model(flavour)  # context 48
+    prompts = [list(range(1, 61)), [7, 8], [5, 17, 3] * 14]  # 60 tokens (longer than the context), 2, 42
+    expected = [nanogpt_crop(model, p, 20) for p in prompts]
+    assert generate(model, prompts, 20, temperature=0) == expected  # the cache, re-prefilled once full
+    assert generate(model, prompts, 20, temperature=0, use_cache=False) == expected
+    assert expected[2] != generate(model, [prompts[2][-30:]], 20, temperature=0)[0], "a shorter window changes nothing: weak test"
+
+
+def test_generation_refuses_what_cannot_be_generated():
+    model = tiny_model("llama")
     with pytest.raises(GenerationError, match="at least one token"):
         generate(model, [[1, 2], []], 4)
     with pytest.raises(GenerationError, match="top_p"):
         generate(model, [[1]], 4, top_p=0.0)
+    for temperature in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(GenerationError, match="temperature must be a finite number >= 0"):
+            generate(model, [[1]], 4, temperature=temperature)
 
 
 def test_generate_restores_training_mode():
@@ -153,21 +173,61 @@ def test_cli_generates_from_a_checkpoint(tmp_path, story_tokenizer, capsys):
 
 @pytest.mark.parametrize("case, message", [
     ("missing", "does not exist"),
-    ("empty", "empty prompt"),
-    ("too_long", "exceeds the model's context of 32 tokens"),
     ("no_tokenizer", "has no tokenizer.model"),
+    ("nan_temperature", "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    ("hugging_face", "is a Hugging Face model directory (config.json, *.safetensors), not a nanotrain checkpoint; "
+                     "import it with `python -m nanotrain.export --hf"),
+    ("run_without_checkpoint", "holds no complete checkpoint"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, story_tokenizer, capsys, case, message):
     with_tokenizer = write_checkpoint(tmp_path / "ckpt", story_tokenizer)
+    hugging_face = tmp_path / "hf"
+    hugging_face.mkdir()
+    (hugging_face / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"x": torch.zeros(1)}, hugging_face / "model.safetensors")
+    (tmp_path / "run" / "checkpoints" / "step_00000010.tmp-1").mkdir(parents=True)  # an interrupted save only
     argv = {
         "missing": ["--checkpoint", str(tmp_path / "nope"), "--prompt", "hi"],
-        "empty": ["--checkpoint", str(with_tokenizer), "--prompt", "  "],
-        "too_long": ["--checkpoint", str(with_tokenizer), "--prompt", "Once upon a time " * 5, "--max_new_tokens", "20"],
         "no_tokenizer": ["--checkpoint", str(write_checkpoint(tmp_path / "bare")), "--prompt", "hi"],
+        "nan_temperature": ["--checkpoint", str(with_tokenizer), "--temperature", "nan"],
+        "hugging_face": ["--checkpoint", str(hugging_face)],
+        "run_without_checkpoint": ["--checkpoint", str(tmp_path / "run")],
     }[case]
     code, err = run_cli(argv, capsys)
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_empty_prompt_samples_from_bos_and_long_prompts_are_cropped(tmp_path, story_tokenizer, capsys):
+    from nanotrain.tokenizer import Tokenizer
+
+    assert encode_prompt(Tokenizer.load(story_tokenizer), "") == [Tokenizer.load(story_tokenizer).bos_id]
+    ckpt = write_checkpoint(tmp_path / "ckpt", story_tokenizer)  # context 32
+    for argv in ([], ["--prompt", ""], ["--prompt", "Once upon a time " * 10, "--max_new_tokens", "40"]):
+        main(["--checkpoint", str(ckpt), "--device", "auto", "--temperature", "0", "--max_new_tokens", "8", *argv])
+        out, err = capsys.readouterr()
+        assert out.strip() and err == "", (argv, out, err)
+    assert out.startswith("Once upon a time " * 9)  # the whole prompt, though only its end fitted the context
+
+
+def test_cli_takes_the_newest_complete_checkpoint_of_a_run(tmp_path, story_tokenizer, capsys):
+    run = tmp_path / "run"
+    for step in (10, 20):
+        write_checkpoint(run / "checkpoints" / f"step_{step:08d}", story_tokenizer)
+    (run / "checkpoints" / "step_00000030").mkdir()  # no manifest: not complete
+    for given in (run, run / "checkpoints"):
+        main(["--checkpoint", str(given), "--prompt", "The dog", "--max_new_tokens", "3"])
+        out, err = capsys.readouterr()
+        assert out.startswith("The dog")
+        assert err == f"note: using {run / 'checkpoints' / 'step_00000020'}, the newest complete checkpoint in {given}\n"
+
+
+def test_cli_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for default in ("(default: 100)", "(default: 0.8)", "(default: auto)", "(default: 0)", "(default: 1.0)"):
+        assert default in out, default
 
 
 def test_sample_completions_continue_the_prompts(story_tokenizer):
