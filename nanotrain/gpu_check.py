@@ -314,8 +314,11 @@ def environment() -> str:
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True)
         line += f", driver {smi.stdout.strip().split(', ')[-1]}" if smi.returncode == 0 and smi.stdout.strip() else ""
-    # launch/forward_signals.sh (every launch script) refuses to start without pkill
-    return line + ("" if shutil.which("pkill") else ", no pkill (the launch scripts need procps)")
+    # launch/forward_signals.sh (every launch script) refuses to start without pkill, and triton
+    # (torch.compile on CUDA) builds a small launcher with the system's C compiler
+    line += "" if shutil.which("pkill") else ", no pkill (the launch scripts need procps)"
+    return line + ("" if any(shutil.which(cc) for cc in ("cc", "gcc", "clang")) else
+                   ", no C compiler (torch.compile's triton needs one)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
