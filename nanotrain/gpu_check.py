@@ -91,7 +91,7 @@ def bench_argv(out_dir: Path, name: str, *args: str) -> list[str]:
 def plan(out_dir: Path, dry_run: bool) -> list[Part]:
     """The parts of the check and their budgets (seconds on an H100; they sum to TOTAL_BUDGET_S).
 
-    install 30: imports and at most a few local wheels. cuda-tests 200: ~20 tests of seconds each
+    install 40: two torch imports and at most a dozen local wheels. cuda-tests 190: ~20 tests of seconds each
     plus five child processes (three launches of launch/single_gpu.sh, one torchrun) and one
     torch.compile of a 2-layer model. bench-20m 110: two compiled models (nanotrain's blocks, HF's
     decoder layers) plus 6 rounds x 10 steps per side. bench-125m 90: one compile and 4 rounds of 10
@@ -112,8 +112,8 @@ def plan(out_dir: Path, dry_run: bool) -> list[Part]:
         bench_big = [*common, "--config", "tinystories-20m", "--seq_len", "256", "--batch_size", "128", "--rounds", "3",
                      "--reference", "none"]
     return [
-        Part("install", 30, [], "install"),
-        Part("cuda-tests", 200, tests, "tests"),
+        Part("install", 40, [], "install"),
+        Part("cuda-tests", 190, tests, "tests"),
         Part("bench-20m", 110, bench_argv(out_dir, "bench-20m", *bench_20m), "bench"),
         Part("bench-125m", 90, bench_argv(out_dir, "bench-125m", *bench_125m), "bench"),
         Part("bench-20m-big", 50, bench_argv(out_dir, "bench-20m-big", *bench_big), "bench"),
@@ -148,7 +148,8 @@ def installed_torch() -> str:
     return result.stdout.strip() or f"none ({result.stderr.strip().splitlines()[-1:]})"
 
 
-def run_install(part: Part, out_dir: Path, wheels: Path | None, dry_run: bool, log) -> None:
+def run_install(part: Part, out_dir: Path, wheels: Path | None, dry_run: bool, log, timeout_s: float) -> None:
+    deadline = time.perf_counter() + timeout_s
     torch_before = installed_torch()
     constraints = out_dir / "constraints.txt"
     constraints.write_text(f"torch=={torch_before}\n")
@@ -163,7 +164,13 @@ def run_install(part: Part, out_dir: Path, wheels: Path | None, dry_run: bool, l
     failures = []
     for command in commands:
         log("$ " + " ".join(command))
-        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
+                                    timeout=max(1.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            log("[gpu_check] pip killed: over the install budget")
+            failures.append(command[-1])
+            continue
         log(result.stdout + result.stderr)
         if result.returncode:
             failures.append(command[-1])
@@ -366,7 +373,7 @@ def main(argv=None) -> None:
             part.detail["error"] = "no time left in the budget"
         elif part.kind == "install":
             part.detail["gpu"] = environment()
-            run_install(part, out_dir, args.wheels, args.dry_run, log_to(part))
+            run_install(part, out_dir, args.wheels, args.dry_run, log_to(part), timeout)
         else:
             run_child(part, timeout, out_dir / part.log_name)
         part.seconds = time.perf_counter() - part_start
