@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from nanotrain.metrics import device_peak_tflops
 from nanotrain.model import build_model
 from nanotrain.safe_loading import read_dcp_metadata
 from nanotrain.trainer import train
-from test_checkpoint import REPO, assert_same_run, losses, run_cli, weights
+from test_checkpoint import assert_same_run, losses, run_cli, weights
 from test_precision import check_the_poisoned_step_was_skipped, poison_one_gradient
 
 NO_CUDA = "needs a CUDA GPU (a GPU machine runs these: launch/gpu_check.sh, or pytest -m cuda)"
