@@ -22,8 +22,11 @@ GLOBAL ORDER CONTRACT (what makes results independent of the process layout)
     so optimizer step s (micro-batches k = s*A .. s*A + A-1, A = grad_accum_steps) consumes the
     G = A*D*B consecutive positions [s*G, (s+1)*G). Ranks never overlap, and 1 process x B,
     1 x B/2 x accumulation 2, and 2 ranks x B/2 all see the same sequences in every step.
-    Evaluation uses the first eval_steps*D*B val samples, unshuffled, with the same layout, so
-    the union over ranks, and the reduced val loss, are the same for any D with equal D*B.
+    Evaluation averages the val split's first samples, unshuffled, with the same layout: all of
+    them when they hold at most WHOLE_VAL_SPLIT_TOKENS tokens, else the first eval_steps*D*B
+    (`val_window_count`); the last global batch is filled up with samples that count for
+    nothing, so the union over ranks, and the reduced val loss, are the same for any D with
+    equal D*B (and for any layout at all when the whole split is evaluated).
 
 `train.state_dict()` records the number of global samples consumed; `load_state_dict()` puts
 the iterator back exactly there (also with a different dp_size, when D*B divides it).
@@ -46,6 +49,7 @@ import torch
 from nanotrain.config import Config
 from nanotrain.data_sources import DataSource, collate, open_source
 from nanotrain.dataset_format import DataError, TokenSplit, open_meta
+from nanotrain.loss import IGNORE_INDEX
 from nanotrain.tokenizer import Tokenizer
 
 
@@ -157,7 +161,9 @@ class Data:
     path: Path | None = None  # the prepared dataset directory (None for random)
     notes: list[str] = field(default_factory=list)  # one-line remarks the loop should print once
     _val_samples: object = None
-    _val_positions: list[list[int]] = field(default_factory=list)
+    _val_positions: list[list[int | None]] = field(default_factory=list)
+    val_windows: int = 0  # an evaluation averages the val split's first val_windows samples ...
+    val_windows_total: int | None = 0  # ... of this many (None: the random source's endless split)
 
     @property
     def num_val_batches(self) -> int:
@@ -166,8 +172,7 @@ class Data:
 
     def val_batches(self):
         """This rank's share of the fixed evaluation set, one micro-batch per eval step, made lazily."""
-        return (self._val_samples.check(collate([self._val_samples[i] for i in positions]))
-                for positions in self._val_positions)
+        return (_val_batch(self._val_samples, positions) for positions in self._val_positions)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -197,17 +202,14 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
     order = GlobalOrder(len(train_samples), t.seed, shuffle=source.shuffle)
     train = TrainBatches(train_samples, order, t.batch_size, dp_rank, dp_size, d.num_workers, pin_memory)
 
-    wanted = t.eval_steps * per_micro_batch
     available = len(val_samples)
-    val_steps = _val_steps(available, t.eval_steps, per_micro_batch)
     if available == 0:
         notes.append(f"the val split of '{source.path}' holds no full sample; evaluation is skipped")
-    elif available < wanted:
-        notes.append(f"the val split holds {available} samples, fewer than train.eval_steps x world_size x "
-                     f"batch_size = {wanted}; evaluating {val_steps} step(s) of {per_micro_batch} samples"
-                     + (" (repeating samples)" if available < per_micro_batch else ""))
-    val_positions = _val_layout(val_steps, available, t.batch_size, dp_rank, dp_size)
-    return Data(train, tokenizer, source.vocab_size, source.identity, source.path, notes, val_samples, val_positions)
+    windows = val_window_count(available, t.seq_len, t.eval_steps * per_micro_batch)
+    val_positions = _val_layout(windows, t.batch_size, dp_rank, dp_size)
+    endless = d.source == "random"  # its sample count is a sentinel, not a size
+    return Data(train, tokenizer, source.vocab_size, source.identity, source.path, notes, val_samples, val_positions,
+                windows, None if endless else available)
 
 
 def fit_vocabulary(source: DataSource, model_vocab_size: int) -> list[str]:
@@ -225,41 +227,81 @@ def fit_vocabulary(source: DataSource, model_vocab_size: int) -> list[str]:
     return []
 
 
-def evaluation_batches(source: DataSource, split: str, seq_len: int, batch_size: int, padded: bool, seed: int,
-                       max_batches: int = 0) -> tuple[int, Iterator[dict]]:
-    """How many batches, and the batches, that measure a model on one split of `source` in one process.
+@dataclass
+class EvaluationBatches:
+    """What `evaluation_batches` hands `nanotrain.evaluate`: the batches, and which windows they hold."""
 
-    val: the split's first `max_batches` full batches in order (0 = all of them), exactly as
-    training evaluates (with eval_steps = max_batches); a split smaller than one batch gives one
-    batch that repeats samples. train: the first `max_batches` batches (0 = all) of epoch 0 in
-    training's shuffled order for `seed`. The count is 0 when the split holds no full sample.
+    count: int  # batches
+    batches: Iterator[dict]
+    windows: int  # the split's samples they average (val: the first ones in order; train: epoch 0's first)
+    windows_total: int  # the split's samples
+
+
+def evaluation_batches(source: DataSource, split: str, seq_len: int, batch_size: int, padded: bool, seed: int,
+                       max_batches: int = 0) -> EvaluationBatches:
+    """The batches, and their windows, that measure a model on one split of `source` in one process.
+
+    val: the split's first `max_batches` batches in order (0 = all of them, the last one partial), laid
+    out as training evaluates (`val_window_count`, `_val_layout`), so `max_batches` x `batch_size` windows
+    or the whole split give the val loss a run logs for those windows. train: the first `max_batches`
+    full batches (0 = all) of epoch 0 in training's shuffled order for `seed`. No batches when the split
+    holds no full sample.
     """
     samples = source.samples(split, seq_len, padded)
     if split == "val":
-        steps = _val_steps(len(samples), max_batches or len(samples), batch_size)
-        positions = _val_layout(steps, len(samples), batch_size, 0, 1)
-        return steps, (samples.check(collate([samples[i] for i in row])) for row in positions)
+        windows = min(len(samples), max_batches * batch_size) if max_batches else len(samples)
+        positions = _val_layout(windows, batch_size, 0, 1)
+        return EvaluationBatches(len(positions), (_val_batch(samples, row) for row in positions), windows, len(samples))
     per_epoch = len(samples) // batch_size
     steps = min(max_batches or per_epoch, per_epoch)
     train = TrainBatches(samples, GlobalOrder(len(samples), seed, shuffle=source.shuffle), batch_size, 0, 1)
-    return steps, (next(train) for _ in range(steps))
+    return EvaluationBatches(steps, (next(train) for _ in range(steps)), steps * batch_size, len(samples))
 
 
-def _val_steps(available: int, wanted_steps: int, per_micro_batch: int) -> int:
-    """Eval steps over `available` val samples: the wanted ones, else every full global batch.
+# A val split whose samples hold at most this many tokens (samples x seq_len) is evaluated whole at every
+# evaluation: the built-in stories' 42,880 tokens at seq_len 128 cost about as much as 7 training steps.
+WHOLE_VAL_SPLIT_TOKENS = 2**16
 
-    Full global batches only (at least one, repeating samples if it must), so every layout
-    with the same D*B evaluates the very same samples; none when there are no samples.
+
+def val_window_count(available: int, seq_len: int, wanted: int) -> int:
+    """How many val samples (windows; documents in padded mode) each evaluation averages, the first ones in order.
+
+    The whole split when its samples hold at most WHOLE_VAL_SPLIT_TOKENS tokens or number at most
+    `wanted` (train.eval_steps x dp_size x batch_size); otherwise the first `wanted`.
     """
-    return min(wanted_steps, max(1, available // per_micro_batch)) if available else 0
+    return available if available * seq_len <= WHOLE_VAL_SPLIT_TOKENS else min(available, wanted)
 
 
-def _val_layout(steps: int, available: int, batch_size: int, dp_rank: int, dp_size: int) -> list[list[int]]:
-    """Eval micro-batch k of rank r holds global val positions [k*D*B + r*B, +B), wrapped into the split."""
+def window_span(windows: int, total: int | None, split: str = "val") -> str:
+    """Which windows an evaluation averaged, in words: `all 335 val windows`, `the first 160 of 335 val windows`,
+    or, of an endless split (total None), `160 val windows`."""
+    if total is None:
+        return f"{windows:,} {split} windows"
+    return f"all {total:,} {split} windows" if windows == total else f"the first {windows:,} of {total:,} {split} windows"
+
+
+def _val_layout(windows: int, batch_size: int, dp_rank: int, dp_size: int) -> list[list[int | None]]:
+    """Eval micro-batch k of rank r holds val positions [k*D*B + r*B, +B); None past the last window.
+
+    Enough micro-batches to cover `windows`; the last global batch is filled up with None, a sample
+    that counts for nothing (`_val_batch`), so every rank runs the same forwards and any layout
+    averages exactly the same windows.
+    """
     per_micro_batch = dp_size * batch_size
-    return [[p % available for p in range(k * per_micro_batch + dp_rank * batch_size,
-                                         k * per_micro_batch + (dp_rank + 1) * batch_size)]
+    steps = -(-windows // per_micro_batch)
+    return [[p if p < windows else None
+             for p in range(k * per_micro_batch + dp_rank * batch_size, k * per_micro_batch + (dp_rank + 1) * batch_size)]
             for k in range(steps)]
+
+
+def _val_batch(samples, positions: list[int | None]) -> dict:
+    """The batch of these val positions; a None position is sample 0 with every label ignored."""
+    rows = [samples[p] if p is not None else _ignored(samples[0]) for p in positions]
+    return samples.check(collate(rows))
+
+
+def _ignored(sample: dict) -> dict:
+    return {**sample, "labels": torch.full_like(sample["labels"], IGNORE_INDEX)}
 
 
 def unigram_entropy(dataset_dir: str | Path, split: str = "train") -> float:
