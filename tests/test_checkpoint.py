@@ -267,7 +267,7 @@ def plant_in_every_shard_item(train_state: Path, payload: bytes) -> None:
     ("train_state/.metadata", r"refusing to load \S*\.metadata: global 'exec' of module 'builtins' is not allowed"),
     ("train_state/*.distcp", r"refusing to load a shard of \S*train_state as unsafe: .*Unsupported global: "
                              r"GLOBAL (builtins\.)?exec"),
-])
+], ids=["rank file", ".metadata", ".distcp"])
 def test_malicious_pickle_is_refused_without_running(tmp_path, single, victim, refusal):
     """Refused as unsafe in one line that never tells the user to load the file unrestricted (weights_only=False)."""
     marker = tmp_path / "pwned"
