@@ -8,6 +8,7 @@ import pytest
 from nanotrain.config import load_config
 from nanotrain.evaluate import main
 from nanotrain.evaluation import evaluate_checkpoint
+from nanotrain.sampling import check_device
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def test_cli_takes_the_newest_complete_checkpoint_of_a_run(trained, capsys):
     main(["--checkpoint", str(run), "--data", str(data), "--device", "auto"])
     out, err = capsys.readouterr()
     assert err == f"note: using {checkpoint}, the newest complete checkpoint in {run}\n"
-    assert out.startswith(f"val loss {logged:.4f}") and "on cpu" in out
+    assert out.startswith(f"val loss {logged:.4f}") and f"on {check_device('auto')} |" in out  # cuda:0 where visible
 
 
 @pytest.fixture(scope="module")
