@@ -121,7 +121,7 @@ def _storage_failure(error: BaseException) -> str | None:
         if isinstance(cause, OSError):
             return first_line(cause)
         seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
+        cause = cause.__cause__ or (None if cause.__suppress_context__ else cause.__context__)  # `from None` ends it
     text = str(error)
     torch_writer = isinstance(error, RuntimeError) and ("inline_container.cc" in text or "PytorchStreamWriter" in text)
     if torch_writer or (type(error).__name__ == "SafetensorError" and "I/O error" in text):
@@ -303,7 +303,7 @@ class Checkpointer:
 
     def _save_failed(self, final: Path, reason: str, free: int | None = None) -> str:
         try:
-            free = _free_bytes(self.root) if free is None else free  # after the temporary directory is gone
+            free = _free_bytes(self.root) if free is None else free
             space = f"{_megabytes(free)} free in {self.root}"
         except OSError:
             space = f"free space in {self.root} unknown"
