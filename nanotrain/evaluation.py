@@ -14,7 +14,6 @@ Precision: fp32, or bf16 (autocast, CPU or CUDA), or fp16 (autocast, CUDA only).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ from nanotrain.errors import NanotrainError
 from nanotrain.loss import count_valid_tokens
 from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
+from nanotrain.run_log import perplexity
 
 
 class EvaluationError(NanotrainError):
@@ -114,7 +114,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str, split: str = "val
     if tokens == 0:
         raise EvaluationError(f"the {split} windows of '{data_dir}' hold no token to predict at seq_len {seq_len} "
                               "(every label is padding); use a longer --seq_len")
-    return EvalResult(loss, math.exp(min(loss, 50.0)), tokens, chosen.count, seconds, chosen.windows,
+    return EvalResult(loss, perplexity(loss), tokens, chosen.count, seconds, chosen.windows,
                       chosen.windows_total)
 
 
