@@ -161,6 +161,7 @@ class Checkpointer:
         self.multi_process = dist.is_initialized() and dims.world_size > 1  # collectives have others to reach
         self.last_saved_step = -1
         self.checkpoint_bytes = checkpoint_bytes(model)
+        self.resumed_config: dict | None = None  # the restored checkpoint's config (Config.to_dict() form)
         if cfg.checkpoint.interval > 0 or cfg.checkpoint.on_preempt:
             self._prepare_root()
 
@@ -368,6 +369,7 @@ class Checkpointer:
                      "streams re-seeded from train.seed, step and data-parallel rank (only dropout is affected)")
         self.train_state.load_state_dict(state)
         self.last_saved_step = state["step"]
+        self.resumed_config = state["config"]
         self.log(f"resumed from {path} at step {state['step']} ({state['tokens_seen']:,} tokens seen, "
                  f"{state['skipped_steps']} skipped steps)")
         return state["step"]

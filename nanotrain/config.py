@@ -105,7 +105,8 @@ class OptimConfig:
     eps: float = setting(1e-8, "AdamW epsilon")
     grad_clip: float = setting(1.0, "max global gradient norm; 0 disables clipping")
     warmup_steps: int = setting(100, "steps of linear warm-up to train.lr")
-    min_lr_ratio: float = setting(0.1, "the cosine decays to train.lr x this at train.max_steps")
+    decay_steps: int = setting(0, "step where the cosine reaches its floor and stays; 0 = train.max_steps")
+    min_lr_ratio: float = setting(0.1, "the cosine decays to train.lr x this at its end (optim.decay_steps)")
     implementation: Literal["auto", "fused", "foreach", "for-loop"] = setting(
         "auto", "AdamW kernel; auto = fused")
 
@@ -436,13 +437,21 @@ def _require_finite(cfg: Config) -> None:
 
 
 def _require_tensor_parallel_split(m: ModelConfig, tp: int) -> None:
-    """Tensor parallelism gives each of `tp` processes whole heads and an equal slice of the MLP."""
+    """Tensor parallelism gives each of `tp` processes whole heads, an equal slice of the MLP and vocabulary rows."""
     if tp == 1:
         return
     for key, value in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("d_ff", m.d_ff)):
         if value % tp:
             raise ConfigError(f"model.{key} = {value} cannot be split over parallel.tp = {tp} processes; "
                               f"use a parallel.tp that divides it (or a model.{key} divisible by {tp})")
+    # The vocabulary is split like torch.chunk (tensor_parallel.vocabulary_starts): shares of
+    # ceil(V / tp) rows, the last ones short or empty; a process without a row cannot look ids up.
+    share = math.ceil(m.vocab_size / tp)
+    if share * (tp - 1) >= m.vocab_size:
+        without = tp - math.ceil(m.vocab_size / share)
+        raise ConfigError(f"model.vocab_size = {m.vocab_size} cannot be split over parallel.tp = {tp} processes: each "
+                          f"needs at least one vocabulary row, and shares of ceil({m.vocab_size}/{tp}) = {share} leave "
+                          f"{without} of the {tp} without any; use a smaller parallel.tp or a larger vocabulary")
 
 
 def validate(cfg: Config) -> None:
@@ -472,7 +481,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     non_negative = {
         "model.n_kv_heads": m.n_kv_heads, "train.eval_every": t.eval_every,
-        "train.sample_tokens": t.sample_tokens, "optim.warmup_steps": o.warmup_steps,
+        "train.sample_tokens": t.sample_tokens, "optim.warmup_steps": o.warmup_steps, "optim.decay_steps": o.decay_steps,
         "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay, "optim.eps": o.eps,
         "checkpoint.interval": cfg.checkpoint.interval, "data.num_workers": d.num_workers,
         "train.peak_tflops": t.peak_tflops,

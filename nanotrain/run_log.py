@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanotrain.config import Config
+from nanotrain.data import window_span
 from nanotrain.errors import NanotrainError
 from nanotrain.files import replace_file
 from nanotrain.parallel_dims import ParallelDims
@@ -87,7 +88,10 @@ def format_step(record: dict, max_steps: int) -> str:
 def format_eval(record: dict, max_steps: int) -> str:
     """The line printed after each evaluation: val loss and perplexity."""
     val_loss = record["val_loss"]
-    return f"step {record['step']:>6}/{max_steps} | val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}"
+    line = f"step {record['step']:>6}/{max_steps} | val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}"
+    if "val_windows" in record:  # the windows averaged, named as nanotrain.evaluate names them
+        line += f" | {record['val_tokens']:,} tokens in {window_span(record['val_windows'], record['val_windows_total'])}"
+    return line
 
 
 class ConsoleSink(Sink):

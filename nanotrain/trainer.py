@@ -12,6 +12,7 @@ in its own module and enters here through one named seam:
     next_token_loss                                  summed loss + valid-token count
     model(..., loss_reduction="sum", fused_loss=)    the same sum; fused: head + loss, no logits tensor
     speed.waiting_for_data / speed.report            tokens/s, MFU, peak memory, data vs compute
+    schedule.lr_at / schedule_change                 warmup + cosine; a resume says how another schedule moves the lr
     run_log.log_step / log_eval / log_samples        console line and metrics.jsonl (sinks, rank 0)
     guard.check / update_skipped                     divergence: non-finite or spiking loss, skips in a row
     checkpointer.restore / maybe_save                exact resume, periodic and preemption saves
@@ -36,12 +37,12 @@ from nanotrain.divergence import DivergenceGuard
 from nanotrain.evaluation import mean_loss
 from nanotrain.metrics import SpeedMeter
 from nanotrain.model import build_model
-from nanotrain.optim import build_optimizer, lr_at, set_lr
+from nanotrain.optim import Schedule, build_optimizer, schedule_change, set_lr
 from nanotrain.parallel_dims import ParallelDims
 from nanotrain.precision import Precision
 from nanotrain.preemption import Preemption
 from nanotrain.run_log import RunLog
-from nanotrain.run_summary import run_summary
+from nanotrain.run_summary import epochs, run_summary
 from nanotrain.sampling import sample_completions
 from nanotrain.train_state import TrainState, seed_everything
 from nanotrain.train_step import train_step
@@ -78,6 +79,7 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
     run_dir = Path(t.out_dir)
     if dims.is_main:  # before anything is written: lock the run's directories, refuse to start over a run
         run_directory.claim(cfg, cleanup, log)
+        dashboards.check_writable(cfg)  # a dashboard directory that is a file or read-only, before config.toml
 
     data = build_data(cfg, dims.dp_rank, dims.dp_size)
     for note in data.notes:
@@ -89,6 +91,7 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
     log(run_summary(cfg, dims, model, data, precision))  # the full config is config.toml, not the console
     model = distributed.parallelize(model, cfg, dims, precision)
     optimizer = build_optimizer(model, cfg.optim, t.lr)
+    schedule = Schedule.of(cfg.to_dict())  # warmup + cosine: the learning rate of every step
 
     tokens_per_step = t.grad_accum_steps * dims.dp_size * t.batch_size * t.seq_len
     log(
@@ -97,12 +100,17 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
     )
     speed = SpeedMeter.for_run(cfg, dims.device, dims.world_size, tokens_per_step)  # tokens/s, MFU, memory
     log(speed.describe())
+    if warmup_note := schedule.warmup_note(t.max_steps):
+        log(f"note: {warmup_note}")
 
     train_state = TrainState()  # step, tokens seen, skipped steps: what trainer_state.json records
     checkpointer = Checkpointer(cfg, dims, data, model, optimizer, precision.scaler, train_state)
     preemption = Preemption(cfg.checkpoint.on_preempt, dims)  # SIGTERM/SIGINT: save and stop after the step
     cleanup.callback(preemption.close)  # hand SIGTERM/SIGINT back however the run ends
     step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
+    if checkpointer.resumed_config:  # a longer train.max_steps re-stretches the cosine: say what it does to the lr
+        if change := schedule_change(checkpointer.resumed_config, cfg.to_dict(), step):
+            log(change)
     if dims.is_main:  # only now that the run goes ahead: a refused resume leaves the run's config alone
         run_directory.write_config(run_dir, cfg)
     if step >= t.max_steps:
@@ -117,7 +125,7 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
 
     # ---- the loop: one optimizer step per iteration -----------------------------------------
     while step < t.max_steps:
-        lr = lr_at(step, t.lr, t.max_steps, cfg.optim)
+        lr = schedule.lr_at(step)
         set_lr(optimizer, lr)
 
         # Fetch every micro-batch first: the loss is normalised by the valid tokens of the whole
@@ -150,6 +158,7 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
                 "grad_norm": norm,
                 **speed.report(step - last_log_step, now - last_log_time),  # tokens/s, MFU, memory, data/compute
                 "tokens_seen": step * tokens_per_step,
+                "epoch": epochs(data.train.samples_consumed, cfg, data),  # None for the endless random source
                 "elapsed_s": now - train_start,
                 "eta_s": (t.max_steps - step) * step_time,
             }
@@ -159,8 +168,9 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
 
         evaluation_due = (t.eval_every and step % t.eval_every == 0) or step == t.max_steps
         if evaluation_due and data.num_val_batches:
-            val_loss, _ = mean_loss(model, data.val_batches(), precision, dims, fused_loss=t.fused_loss)
-            run_log.log_eval({"step": step, "val_loss": val_loss})
+            val_loss, val_tokens = mean_loss(model, data.val_batches(), precision, dims, fused_loss=t.fused_loss)
+            run_log.log_eval({"step": step, "val_loss": val_loss, "val_tokens": val_tokens,  # over which windows:
+                              "val_windows": data.val_windows, "val_windows_total": data.val_windows_total})
             result.val_losses[step] = val_loss
             # every rank runs the sampling forwards (FSDP shards the weights); rank 0 reports
             samples = sample_completions(distributed.unwrap(model), data.tokenizer, t, precision)

@@ -145,16 +145,17 @@ def test_val_set_union_is_the_same_across_world_sizes(dataset, mode):
     one = list(build_data(config(dataset, "--train.batch_size=4", f"--data.mode={mode}"), 0, 1).val_batches())
     two = [list(build_data(config(dataset, "--train.batch_size=2", f"--data.mode={mode}"), r, 2).val_batches())
            for r in range(2)]
-    assert len(one) == len(two[0]) == len(two[1]) == 3
-    for k in range(3):
+    assert len(one) == len(two[0]) == len(two[1]) > 3  # a small split: all of it, not eval_steps batches
+    for k in range(len(one)):
         assert rows([one[k]]) == rows([two[0][k], two[1][k]])
     assert one[0]["input_ids"].shape == (4, T)
 
 
-def test_small_val_split_is_shortened_with_a_note(dataset):
-    data = build_data(config(dataset, "--train.batch_size=16", "--train.eval_steps=50", "--data.mode=padded"), 0, 1)
+def test_small_val_split_is_evaluated_whole(dataset):
+    data = build_data(config(dataset, "--train.batch_size=16", "--train.eval_steps=1", "--data.mode=padded"), 0, 1)
     n_val = build_data(config(dataset, "--data.mode=padded"), 0, 1)._val_samples.split.num_documents
-    assert data.num_val_batches == len(list(data.val_batches())) == max(1, n_val // 16) and data.notes and "evaluating" in data.notes[0]
+    assert data.num_val_batches == len(list(data.val_batches())) == -(-n_val // 16) > 1 and not data.notes
+    assert data.val_windows == data.val_windows_total == n_val
 
 
 def test_build_errors_are_one_line(dataset, tmp_path):
@@ -395,7 +396,7 @@ def test_a_new_source_is_one_class_and_one_entry(monkeypatch):
     assert data.identity == {"source": "counting"} and data.tokenizer is None and data.notes == []
     # rank 1 of 2 with B = 2 takes global positions [2, 4), then [6, 8): the unshuffled order
     assert [b["input_ids"][:, 0].tolist() for b in (next(data.train), next(data.train))] == [[2, 3], [6, 7]]
-    assert [b["input_ids"][:, 0].tolist() for b in data.val_batches()] == [[34, 35], [38, 39]]
+    assert [b["input_ids"][:, 0].tolist() for b in data.val_batches()][:2] == [[34, 35], [38, 39]]
 
 
 def test_the_stories_source_reads_its_cache_like_a_prepared_dataset(tmp_path, monkeypatch):
@@ -414,21 +415,24 @@ def test_the_stories_source_reads_its_cache_like_a_prepared_dataset(tmp_path, mo
 def test_evaluation_batches_are_the_loaders_batches(dataset, mode):
     data = build_data(config(dataset, "--train.batch_size=4", f"--data.mode={mode}"), 0, 1)
     source, padded = TokensSource(dataset), mode == "padded"
-    count, val = evaluation_batches(source, "val", T, 4, padded, seed=0, max_batches=3)
-    assert count == 3 and rows(val) == rows(data.val_batches())  # what training logs as val loss
-    count, every = evaluation_batches(source, "val", T, 4, padded, seed=0)
-    n_val = len(data._val_samples)  # by default every full batch of the split, in order
-    assert count == n_val // 4 > 3
-    assert rows(every) == [tuple(data._val_samples[i]["input_ids"].tolist()) for i in range(count * 4)]
+    val = evaluation_batches(source, "val", T, 4, padded, seed=0, max_batches=3)
+    assert val.count == 3 and rows(val.batches) == rows(data.val_batches())[:12]
+    every = evaluation_batches(source, "val", T, 4, padded, seed=0)
+    n_val = len(data._val_samples)  # by default the whole split, in order
+    assert every.count == -(-n_val // 4) > 3 and every.windows == n_val
+    assert rows(every.batches) == rows(data.val_batches())  # what training logs as val loss
+    assert rows(evaluation_batches(source, "val", T, 4, padded, seed=0).batches)[:n_val] == [
+        tuple(data._val_samples[i]["input_ids"].tolist()) for i in range(n_val)]
     seed = data.train.order.seed  # train.seed, whose permutation of epoch 0 training follows
-    count, train = evaluation_batches(source, "train", T, 4, padded, seed, max_batches=2)
-    assert count == 2 and rows(train) == rows(next(data.train) for _ in range(2))  # epoch 0, training's order
-    assert evaluation_batches(source, "train", T, 4, padded, seed)[0] == data.train.order.num_samples // 4
+    train = evaluation_batches(source, "train", T, 4, padded, seed, max_batches=2)
+    assert train.count == 2 and rows(train.batches) == rows(next(data.train) for _ in range(2))  # epoch 0, training's order
+    assert evaluation_batches(source, "train", T, 4, padded, seed).count == data.train.order.num_samples // 4
 
 
-def test_evaluation_of_a_val_split_smaller_than_a_batch_repeats_samples(dataset):
+def test_evaluation_of_a_val_split_smaller_than_a_batch_fills_it_with_ignored_rows(dataset):
     source = TokensSource(dataset)
     n_val = len(source.samples("val", T, padded=True))
-    count, batches = evaluation_batches(source, "val", T, n_val + 3, padded=True, seed=0)
-    (batch,) = list(batches)
-    assert count == 1 and rows([batch])[:3] == rows([batch])[n_val : n_val + 3]
+    chosen = evaluation_batches(source, "val", T, n_val + 3, padded=True, seed=0)
+    (batch,) = list(chosen.batches)
+    assert chosen.count == 1 and (batch["labels"][:n_val] != -100).any(dim=1).all()
+    assert (batch["labels"][n_val:] == -100).all()  # the 3 rows past the split count for nothing
