@@ -39,16 +39,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from nanotrain import distributed
 from nanotrain.config import load_config
-from nanotrain.data import build_data
+from nanotrain.data.loader import build_data
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
-from nanotrain.metrics import peak_memory
-from nanotrain.model import build_model
-from nanotrain.optim import build_optimizer
-from nanotrain.parallel_dims import ParallelDims
-from nanotrain.precision import Precision
-from nanotrain.train_step import train_step
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel import distributed
+from nanotrain.parallel.dims import ParallelDims
+from nanotrain.parallel.precision import Precision
+from nanotrain.reporting.metrics import peak_memory
+from nanotrain.training.optim import build_optimizer
+from nanotrain.training.step import train_step
 
 BENCHMARK_DEFAULTS = ["--train.seq_len=256", "--train.precision=fp32", "--model.dropout=0.0",
                       "--data.source=random", "--train.device=cpu"]

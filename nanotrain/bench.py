@@ -34,16 +34,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanotrain import distributed
 from nanotrain.config import CHOICES, ModelConfig, load_config
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
-from nanotrain.metrics import SpeedMeter, device_peak_tflops, peak_memory
-from nanotrain.hf import LLAMA_FEATURES, hf_llama_config, hf_llama_name
-from nanotrain.model import build_model, flops_per_token
-from nanotrain.optim import build_optimizer
-from nanotrain.parallel_dims import ParallelDims
-from nanotrain.precision import Precision
-from nanotrain.train_step import train_step
+from nanotrain.hf.llama import LLAMA_FEATURES, hf_llama_config, hf_llama_name
+from nanotrain.model.transformer import build_model, flops_per_token
+from nanotrain.parallel import distributed
+from nanotrain.parallel.dims import ParallelDims
+from nanotrain.parallel.precision import Precision
+from nanotrain.reporting.metrics import SpeedMeter, device_peak_tflops, peak_memory
+from nanotrain.training.optim import build_optimizer
+from nanotrain.training.step import train_step
 
 
 # Model shapes to benchmark that no preset holds, as model overrides on top of --config.

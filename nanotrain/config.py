@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from nanotrain.errors import NanotrainError
-from nanotrain.flavours import FEATURES, Flavour, FlavourFeatures
+from nanotrain.model.flavours import FEATURES, Flavour, FlavourFeatures
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,7 +69,7 @@ class ModelConfig:
 
     @property
     def features(self) -> FlavourFeatures:
-        """Norm, MLP, position encoding and biases of this flavour: what model.py builds from."""
+        """Norm, MLP, position encoding and biases of this flavour: what model/transformer.py builds from."""
         return FEATURES[self.flavour]
 
     @property
@@ -126,7 +126,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto = cuda when a GPU is visible, else cpu")
     precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "fp32, or bf16 / fp16 autocast (fp16 with a loss scaler)")
     compile: bool = setting(False, "torch.compile the model")
-    fused_loss: bool = setting(True, "head + cross-entropy in row chunks: no (B, T, V) logits (loss.py)")
+    fused_loss: bool = setting(True, "head + cross-entropy in row chunks: no (B, T, V) logits (model/loss.py)")
     tf32: bool = setting(True, "TF32 matmuls on Ampere and newer GPUs")
     log_every: int = setting(10, "steps between log lines")
     eval_every: int = setting(100, "steps between evaluations; 0 disables periodic evaluation")
@@ -134,7 +134,7 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = setting(
         "stop", "a non-finite or spiking loss or grad norm stops the run, or skips the update")
     loss_spike_ratio: float = setting(2.0, "a loss above ~this multiple of the recent mean is a spike "
-                                           "(divergence.py); 0 = off")
+                                           "(training/divergence.py); 0 = off")
     max_consecutive_skips: int = setting(10, "stop after this many skipped updates in a row (fp16 overflows included)")
     peak_tflops: float = setting(0.0, "device peak for MFU; 0 = look up or measure")
     sample_prompts: list[str] = setting(["Once upon a time"], "prompts completed at each evaluation")
@@ -169,7 +169,7 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    """Dashboards the run log writes to besides the console and metrics.jsonl (dashboards.py)."""
+    """Dashboards the run log writes to besides the console and metrics.jsonl (reporting/dashboards.py)."""
 
     tensorboard: bool = setting(False, "event files in <train.out_dir>/tensorboard; needs nanotrain[tensorboard]")
     wandb_project: str = setting("", "Weights & Biases project; empty = off; needs nanotrain[wandb]")
@@ -411,7 +411,7 @@ def follow_the_data(cfg: Config, in_file: set[str], on_command_line: set[str]) -
     if level("model.vocab_size") or (d.source == "tokens" and not d.path):  # validate names the missing path
         return
     if d.source == "tokens":
-        from nanotrain.dataset_format import dataset_vocab_size  # numpy and sentencepiece only when a dataset is named
+        from nanotrain.data.dataset_format import dataset_vocab_size  # numpy and sentencepiece only when a dataset is named
 
         m.vocab_size = dataset_vocab_size(d.path)
     else:

@@ -1,7 +1,7 @@
 """Measure a checkpoint: `python -m nanotrain.evaluate --checkpoint PATH --data DIR`.
 
 Prints the mean next-token loss (nats/token) and perplexity of the checkpoint on a split of a
-dataset made by `nanotrain.prepare`; the work is evaluation.py's `evaluate_checkpoint`, which
+dataset made by `nanotrain.prepare`; the work is inference/evaluation.py's `evaluate_checkpoint`, which
 uses the training loop's batches and loss, so over the same windows (both lines name them) the
 figure equals the val loss the run logged. Chapter: docs/10-generation-and-export.md.
 """
@@ -12,10 +12,10 @@ import argparse
 import sys
 
 from nanotrain.config import CHOICES
+from nanotrain.data.loader import window_span
 from nanotrain.errors import ArgumentParser, exit_on_error
-from nanotrain.data import window_span
-from nanotrain.evaluation import evaluate_checkpoint
-from nanotrain.sampling import check_device
+from nanotrain.inference.evaluation import evaluate_checkpoint
+from nanotrain.inference.sampling import check_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from nanotrain.inference_checkpoint import find_checkpoint  # lazily: `--help` needs no checkpoint code
+    from nanotrain.checkpoint.inference import find_checkpoint  # lazily: `--help` needs no checkpoint code
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     device = check_device(args.device)

@@ -8,7 +8,7 @@ Export writes what `transformers.AutoModelForCausalLM.from_pretrained(DIR)` load
 (tokenizer.json, which `AutoTokenizer` loads and which encodes and decodes as nanotrain does:
 translated from a sentencepiece model, kept beside it as tokenizer.model; or the checkpoint's own
 tokenizer.json) and generation_config.json.
-Parameter names and config.json come from hf.py (`hf_llama_name` / `nanotrain_name_from_hf`,
+Parameter names and config.json come from hf/llama.py (`hf_llama_name` / `nanotrain_name_from_hf`,
 `hf_config` / `model_config_from_hf`), the one mapping shared with the benchmark and the parity
 tests; the weights need no permutation because nanotrain's RoPE already uses HF's rotate-halves
 layout. Only the llama flavour has an HF counterpart.
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from nanotrain.checkpoint_files import tokenizer_file, write_safetensors
+from nanotrain.checkpoint.manifest import tokenizer_file, write_safetensors
 from nanotrain.config import Config, ConfigError, validate
 from nanotrain.errors import ArgumentParser, exit_on_error
 from nanotrain.files import atomic_directory
-from nanotrain.hf import (
+from nanotrain.hf.llama import (
     ExportError,
     check_llama_features,
     hf_config,
@@ -44,7 +44,7 @@ from nanotrain.hf import (
     model_config_from_hf,
     nanotrain_name_from_hf,
 )
-from nanotrain.model import build_model
+from nanotrain.model.transformer import build_model
 
 
 # ---- nanotrain -> Hugging Face -----------------------------------------------------------------
@@ -57,7 +57,7 @@ def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict | bytes]:
     pre-tokenizer in front, which encodes text that starts with a space differently.)
     `split_special_tokens`: text that spells "<s>" is encoded as text, as nanotrain does.
     """
-    from nanotrain.hf_tokenizer import HuggingFaceTokenizer
+    from nanotrain.data.hf_tokenizer import HuggingFaceTokenizer
 
     special = {"bos_token": tokenizer.token(tokenizer.bos_id), "eos_token": tokenizer.token(tokenizer.eos_id),
                "unk_token": tokenizer.token(tokenizer.unk_id),
@@ -197,8 +197,8 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write checkpoint `checkpoint` as a Hugging Face LlamaForCausalLM directory `out`."""
-    from nanotrain.inference_checkpoint import load_inference
-    from nanotrain.tokenizer import SentencePieceTokenizer
+    from nanotrain.checkpoint.inference import load_inference
+    from nanotrain.data.tokenizer import SentencePieceTokenizer
 
     out = _check_out(out)
     model, cfg, tokenizer = load_inference(checkpoint, device="cpu")
@@ -242,8 +242,8 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Write the HF Llama directory `hf_dir` as a nanotrain checkpoint directory `out`."""
-    from nanotrain.inference_checkpoint import save_inference
-    from nanotrain.tokenizer import Tokenizer, TokenizerError
+    from nanotrain.checkpoint.inference import save_inference
+    from nanotrain.data.tokenizer import Tokenizer, TokenizerError
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     wanted = args.format or ("hf" if args.checkpoint else "nanotrain")
     if args.checkpoint and wanted == "hf":
-        from nanotrain.inference_checkpoint import find_checkpoint
+        from nanotrain.checkpoint.inference import find_checkpoint
 
         print(f"wrote Hugging Face LlamaForCausalLM directory {export_hf(find_checkpoint(args.checkpoint), args.out)}")
     elif args.hf and wanted == "nanotrain":

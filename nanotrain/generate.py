@@ -4,7 +4,7 @@ PATH is a checkpoint directory, or a run directory (or its checkpoints/ folder),
 complete checkpoint is used and named on stderr. No prompt, or an empty one, samples from BOS.
 Prompts are batched with left padding and decoded with a KV cache; temperature 0 is greedy,
 otherwise top-k / top-p sampling from a seeded generator (same seed, same text). The decoding
-itself lives in the library module sampling.py, which the training loop uses too.
+itself lives in the library module inference/sampling.py, which the training loop uses too.
 Chapter: docs/10-generation-and-export.md.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from nanotrain.errors import ArgumentParser, exit_on_error
-from nanotrain.sampling import GenerationError, check_device, check_sampling, complete
+from nanotrain.inference.sampling import GenerationError, check_device, check_sampling, complete
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from nanotrain.inference_checkpoint import find_checkpoint, load_inference  # lazily: `--help` needs no checkpoint code
+    from nanotrain.checkpoint.inference import find_checkpoint, load_inference  # lazily: `--help` needs no checkpoint code
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     prompts = getattr(args, "prompt", [""])

@@ -1,6 +1,6 @@
 """Loss curves from runs: `python -m nanotrain.plot RUN_DIR [RUN_DIR ...] [--out PNG]`.
 
-Reads each run's metrics.jsonl (with nanotrain.run_log's reader) and draws train and val loss,
+Reads each run's metrics.jsonl (with nanotrain.reporting.run_log's reader) and draws train and val loss,
 learning rate and tokens/s against the step, one colour per run, so passing two run directories
 compares them.
 Needs matplotlib (`pip install 'nanotrain[plot]'`).
@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
-from nanotrain.run_log import metrics_path, read_metrics
+from nanotrain.reporting.run_log import metrics_path, read_metrics
 
 
 def loss_records(run_dir: Path) -> tuple[list[dict], list[dict]]:

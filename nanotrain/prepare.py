@@ -16,7 +16,7 @@ A .parquet or .arrow file is read as its suffix says whatever `--format` says; `
 or `arrow` names the format of files whose name does not. Both need pyarrow
 (`pip install 'nanotrain[parquet]'`).
 
-The output directory (format: nanotrain/dataset_format.py) holds train.bin/val.bin (the
+The output directory (format: nanotrain/data/dataset_format.py) holds train.bin/val.bin (the
 documents' tokens, BOS + text + EOS, or text + EOS when BOS and EOS are one token, concatenated),
 train.idx/val.idx (document offsets), the tokenizer (tokenizer.model, or tokenizer.json when
 --tokenizer names a Hugging Face tokenizer.json) and meta.json (written last).
@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nanotrain.dataset_format import DEFAULT_VAL_FRACTION, PrepareError, log, write_dataset
+from nanotrain.data.dataset_format import DEFAULT_VAL_FRACTION, PrepareError, log, write_dataset
 from nanotrain.errors import ArgumentParser, exit_on_error
 from nanotrain.files import sha256_file
 

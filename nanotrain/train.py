@@ -1,7 +1,7 @@
 """Train a language model: `python -m nanotrain.train [--config NAME] [--print-config] [--section.key=value ...]`.
 
 The command line is a preset (or a .toml file) and dotted overrides; the loop itself is
-trainer.py's `train(cfg)`, which tests and notebooks call directly.
+training/trainer.py's `train(cfg)`, which tests and notebooks call directly.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanotrain import distributed
 from nanotrain.config import DEFAULT_PRESET, PRESET_DIR, toml_value, describe_keys, load_config, preset_names
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
-from nanotrain.trainer import train
+from nanotrain.parallel import distributed
+from nanotrain.training.trainer import train
 
 # The keys a first run changes most; --help shows them with the default preset's values.
 COMMON_KEYS = [

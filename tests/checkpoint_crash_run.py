@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 
-from nanotrain import checkpoint
+from nanotrain.checkpoint import checkpointer as checkpoint
 from nanotrain.train import main
 
 CRASH_STEP = int(os.environ["CRASH_AT_STEP"])

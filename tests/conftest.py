@@ -12,8 +12,8 @@ def pytest_addoption(parser):
 @pytest.fixture(scope="session")
 def make_story_dataset():
     """prepare(directory, count, seed): a dataset of `count` generated stories with a 320-token tokenizer."""
+    from nanotrain.data.stories import generate_stories
     from nanotrain.prepare import prepare
-    from nanotrain.stories import generate_stories
 
     def make(directory, count: int, seed: int):
         directory.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from nanotrain import distributed
 from nanotrain.config import load_config
-from nanotrain.model import build_model
-from nanotrain.tensor_parallel import apply_tensor_parallel
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel import distributed
+from nanotrain.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def tensor_parallel_1(device_type: str, out_file: Path) -> None:

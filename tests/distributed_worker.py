@@ -2,7 +2,7 @@
 
     torchrun --standalone --nproc_per_node=2 tests/distributed_worker.py layouts SPEC.json OUT_DIR
         Joins the process group once, then for each {"name", "overrides"} in SPEC.json runs
-        nanotrain.trainer.train() and has rank 0 save {losses, val_losses, state} to OUT_DIR/name.pt,
+        nanotrain.training.trainer.train() and has rank 0 save {losses, val_losses, state} to OUT_DIR/name.pt,
         state being the full (gathered, unwrapped) parameters. Runs whose name starts with "init-"
         save the parallelized model's parameters before any step instead of training. The entry
         named "tensor-parallel-checks" (2 ranks) splits a tiny llama (vocabulary 67: an uneven
@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 
 import nanotrain.train
-import nanotrain.trainer
-from nanotrain import distributed
+import nanotrain.training.trainer
 from nanotrain.config import load_config
-from nanotrain.model import build_model
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel import distributed
 
 INJECTED_ERROR = "injected failure on rank 1 at micro-batch 3"
 
@@ -44,7 +44,7 @@ def run_layouts(spec_file: str, out_dir: str) -> None:
             model = distributed.parallelize(build_model(cfg.model, seed=cfg.train.seed), cfg, dims)
             record = {"state": distributed.full_state_dict(model, dims)}
         else:
-            result = nanotrain.trainer.train(cfg)
+            result = nanotrain.training.trainer.train(cfg)
             record = {"losses": result.losses, "val_losses": result.val_losses,
                       "state": distributed.full_state_dict(result.model, dims)}
         if dist.get_rank() == 0:
@@ -55,7 +55,7 @@ def run_layouts(spec_file: str, out_dir: str) -> None:
 def tensor_parallel_checks(out_file: Path) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from nanotrain.tensor_parallel import VocabParallelHead
+    from nanotrain.parallel.tensor_parallel import VocabParallelHead
 
     class VocabularyWideTensors(TorchDispatchMode):
         """Counts the tensors operations produce with a dimension as long as the whole vocabulary (67)."""
@@ -120,7 +120,7 @@ def tensor_parallel_checks(out_file: Path) -> None:
 
 
 def raise_on_rank_1(overrides: list[str]) -> None:
-    real_build_data = nanotrain.trainer.build_data
+    real_build_data = nanotrain.training.trainer.build_data
 
     def build_data_that_fails(cfg, rank, world_size):
         data = real_build_data(cfg, rank, world_size)
@@ -142,7 +142,7 @@ def raise_on_rank_1(overrides: list[str]) -> None:
             data.train = FailingBatches()
         return data
 
-    nanotrain.trainer.build_data = build_data_that_fails
+    nanotrain.training.trainer.build_data = build_data_that_fails
     nanotrain.train.main(overrides)
 
 

@@ -9,7 +9,7 @@ import torch
 from nanotrain import bench
 from nanotrain.bench import BENCH_SHAPES, main
 from nanotrain.config import load_config
-from nanotrain.model import Transformer
+from nanotrain.model.transformer import Transformer
 
 TINY_MODEL = """
 [model]

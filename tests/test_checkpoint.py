@@ -23,16 +23,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from nanotrain import build_model, checkpoint, distributed, load_config
-from nanotrain.checkpoint import Checkpointer, CheckpointError, verify
+from nanotrain import build_model, load_config
+from nanotrain.checkpoint import checkpointer as checkpoint
+from nanotrain.checkpoint.checkpointer import Checkpointer, CheckpointError, verify
+from nanotrain.checkpoint.inference import load_inference, save_inference
+from nanotrain.checkpoint.safe_loading import read_dcp_metadata
+from nanotrain.checkpoint.state import RandomState, TrainState, seed_everything
 from nanotrain.errors import NanotrainError
 from nanotrain.files import temp_directory
-from nanotrain.inference_checkpoint import load_inference, save_inference
-from nanotrain.parallel_dims import ParallelDims
-from nanotrain.preemption import Preemption
-from nanotrain.safe_loading import read_dcp_metadata
-from nanotrain.train_state import RandomState, TrainState, seed_everything
-from nanotrain.trainer import train
+from nanotrain.parallel import distributed
+from nanotrain.parallel.dims import ParallelDims
+from nanotrain.training.preemption import Preemption
+from nanotrain.training.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanotrain.checkpoint.safe_loading import read_dcp_metadata
 from nanotrain.config import load_config
-from nanotrain.data import build_data, to_device
-from nanotrain.loss import fused_next_token_loss, next_token_loss
-from nanotrain.metrics import device_peak_tflops
-from nanotrain.model import build_model
-from nanotrain.safe_loading import read_dcp_metadata
-from nanotrain.trainer import train
+from nanotrain.data.loader import build_data, to_device
+from nanotrain.model.loss import fused_next_token_loss, next_token_loss
+from nanotrain.model.transformer import build_model
+from nanotrain.reporting.metrics import device_peak_tflops
+from nanotrain.training.trainer import train
 from test_checkpoint import assert_same_run, losses, run_cli, weights
 from test_precision import check_the_poisoned_step_was_skipped, poison_one_gradient
 
@@ -171,7 +171,7 @@ def test_fused_head_and_loss_equals_the_plain_loss_in_bf16_and_never_makes_the_l
 @torch.no_grad()
 def test_greedy_generation_with_the_kv_cache_equals_hugging_face_generate():
     pytest.importorskip("transformers")
-    from nanotrain.sampling import generate
+    from nanotrain.inference.sampling import generate
     from test_hf_parity import llama_pair
 
     ours, hf = llama_pair(tie_embeddings=False)

@@ -1,4 +1,4 @@
-"""The dashboards (nanotrain/dashboards.py): TensorBoard and W&B get what metrics.jsonl gets, across resumes."""
+"""The dashboards (nanotrain/reporting/dashboards.py): TensorBoard and W&B get what metrics.jsonl gets, across resumes."""
 
 import json
 import math
@@ -12,9 +12,9 @@ import pytest
 
 from nanotrain import train as train_cli
 from nanotrain.config import describe_keys, load_config
-from nanotrain.dashboards import TENSORBOARD_DIR, WANDB_DIR, WANDB_RUN_ID_FILE, TensorBoardSink, samples_text, scalars
-from nanotrain.run_log import read_metrics
-from nanotrain.trainer import train
+from nanotrain.reporting.dashboards import TENSORBOARD_DIR, WANDB_DIR, WANDB_RUN_ID_FILE, TensorBoardSink, samples_text, scalars
+from nanotrain.reporting.run_log import read_metrics
+from nanotrain.training.trainer import train
 
 TINY = [
     "--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.d_ff=64",

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from nanotrain.config import ConfigError, DataConfig, load_config
-from nanotrain.data import DataError, MicroBatchSampler, build_data, unigram_entropy
-from nanotrain.data import evaluation_batches
-from nanotrain.data_sources import SOURCES, StoriesSource, TokensSource
-from nanotrain.dataset_format import PrepareError, TokenSplit, open_meta, open_tokenizer, write_dataset
-from nanotrain.stories import generate_stories
+from nanotrain.data.dataset_format import PrepareError, TokenSplit, open_meta, open_tokenizer, write_dataset
+from nanotrain.data.loader import DataError, MicroBatchSampler, build_data, unigram_entropy
+from nanotrain.data.loader import evaluation_batches
+from nanotrain.data.sources import SOURCES, StoriesSource, TokensSource
+from nanotrain.data.stories import generate_stories
 
 T = 32
 
@@ -218,7 +218,7 @@ def test_vocab_size_below_the_data_is_refused_and_above_it_noted(dataset):
 
 
 def test_a_run_on_data_path_alone_saves_and_resumes_its_resolved_config(dataset, tmp_path):
-    from nanotrain.trainer import train
+    from nanotrain.training.trainer import train
 
     run = tmp_path / "run"
     tiny = [f"--data.path={dataset}", f"--train.out_dir={run}", "--model.n_layers=1", "--model.d_model=32",

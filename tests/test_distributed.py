@@ -27,11 +27,11 @@ import pytest
 import torch
 
 from nanotrain.config import ConfigError, load_config
-from nanotrain.data import build_data
-from nanotrain.distributed import init, resolve_strategy
-from nanotrain.loss import count_valid_tokens, next_token_loss
-from nanotrain.model import build_model
-from nanotrain.trainer import train
+from nanotrain.data.loader import build_data
+from nanotrain.model.loss import count_valid_tokens, next_token_loss
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel.distributed import init, resolve_strategy
+from nanotrain.training.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "distributed_worker.py"

@@ -7,14 +7,14 @@ import pytest
 
 from nanotrain.config import load_config
 from nanotrain.evaluate import main
-from nanotrain.evaluation import evaluate_checkpoint
-from nanotrain.sampling import check_device
+from nanotrain.inference.evaluation import evaluate_checkpoint
+from nanotrain.inference.sampling import check_device
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, make_story_dataset):
     """A prepared story dataset and a 10-step run that saved a checkpoint and logged its val loss."""
-    from nanotrain.trainer import train
+    from nanotrain.training.trainer import train
 
     root = tmp_path_factory.mktemp("eval")
     make_story_dataset(root, 200, seed=1)
@@ -65,7 +65,7 @@ def test_whole_split_bf16_and_train_split(trained):
 
 
 def test_cli_and_run_log_name_the_windows_they_average(trained, capsys):
-    from nanotrain.run_log import format_eval
+    from nanotrain.reporting.run_log import format_eval
 
     checkpoint, data, logged = trained
     record = logged_evaluation(checkpoint)
@@ -90,8 +90,8 @@ def test_cli_takes_the_newest_complete_checkpoint_of_a_run(trained, capsys):
 @pytest.fixture(scope="module")
 def other_tokenizer_data(tmp_path_factory):
     """The fixture's kind of stories, prepared with a 400-token tokenizer of their own."""
+    from nanotrain.data.stories import generate_stories
     from nanotrain.prepare import prepare
-    from nanotrain.stories import generate_stories
 
     root = tmp_path_factory.mktemp("other")
     (root / "stories.txt").write_text("\n<|endoftext|>\n".join(generate_stories(100, seed=3)))
@@ -122,8 +122,8 @@ def test_cli_errors_are_one_line(trained, other_tokenizer_data, tmp_path, capsys
 
 def test_evaluation_batches_of_the_whole_split_count_each_window_once(trained):
     """A last partial batch is filled with rows whose labels are all ignored, in training's layout too."""
-    from nanotrain.data import _val_layout, evaluation_batches
-    from nanotrain.data_sources import TokensSource
+    from nanotrain.data.loader import _val_layout, evaluation_batches
+    from nanotrain.data.sources import TokensSource
 
     _, data, _ = trained
     source = TokensSource(data)
@@ -142,7 +142,7 @@ def test_evaluation_batches_of_the_whole_split_count_each_window_once(trained):
 
 
 def test_a_large_val_split_is_evaluated_in_its_first_eval_steps_batches():
-    from nanotrain.data import WHOLE_VAL_SPLIT_TOKENS, val_window_count, window_span
+    from nanotrain.data.loader import WHOLE_VAL_SPLIT_TOKENS, val_window_count, window_span
 
     small = WHOLE_VAL_SPLIT_TOKENS // 128  # windows of 128 tokens
     assert val_window_count(small, 128, wanted=160) == small  # whole: at most WHOLE_VAL_SPLIT_TOKENS tokens

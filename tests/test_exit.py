@@ -54,7 +54,7 @@ def test_a_refusal_is_written_by_rank_0_and_names_another_rank(rank, prefix, mon
 
 ENTRY_SCRIPT = textwrap.dedent("""
     import atexit, sys
-    from nanotrain import distributed
+    from nanotrain.parallel import distributed
 
     atexit.register(lambda: print("interpreter finalized", flush=True))
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanotrain.inference_checkpoint import load_inference, save_inference
+from nanotrain.checkpoint.inference import load_inference, save_inference
 from nanotrain.config import load_config
 from nanotrain.export import export_hf, import_hf, main
-from nanotrain.hf import ExportError
-from nanotrain.model import build_model
+from nanotrain.hf.llama import ExportError
+from nanotrain.model.transformer import build_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -29,8 +29,8 @@ def make_checkpoint(directory, tokenizer_path=None, flavour="llama", tie=False):
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
-    from nanotrain.stories import generate_stories
-    from nanotrain.tokenizer import Tokenizer
+    from nanotrain.data.stories import generate_stories
+    from nanotrain.data.tokenizer import Tokenizer
 
     return Tokenizer.train(generate_stories(200), 320).save(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
@@ -109,7 +109,7 @@ def assert_same_as_nanotrain(hf_tokenizer, ours, texts, seed=0):
 
 def test_exported_tokenizer_encodes_and_decodes_exactly_as_nanotrain(tmp_path, tokenizer_path):
     transformers = pytest.importorskip("transformers")
-    from nanotrain.tokenizer import Tokenizer
+    from nanotrain.data.tokenizer import Tokenizer
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
     out = export_hf(ckpt, tmp_path / "hf")
@@ -125,8 +125,8 @@ def test_exported_tokenizer_encodes_and_decodes_exactly_as_nanotrain(tmp_path, t
 @pytest.mark.skipif(not SHARED.is_dir(), reason="the shared TinyStories samples are not next to the repo")
 def test_exported_tokenizer_matches_on_real_tinystories_text(tmp_path):
     transformers = pytest.importorskip("transformers")
+    from nanotrain.data.tokenizer import Tokenizer
     from nanotrain.export import tokenizer_files
-    from nanotrain.tokenizer import Tokenizer
 
     lines = (SHARED / "tinystories_v2_train_head_10k_lines.txt").read_text(encoding="utf-8").splitlines()
     ours = Tokenizer.train(lines[:4000], 2048)  # a real vocabulary: long pieces, many merges
@@ -141,7 +141,7 @@ def test_export_refuses_a_tokenizer_it_cannot_translate_exactly(tmp_path, capsys
 
     import sentencepiece as spm
 
-    from nanotrain.stories import generate_stories
+    from nanotrain.data.stories import generate_stories
 
     model = io.BytesIO()  # sentencepiece's defaults: a unigram model with NFKC normalization
     spm.SentencePieceTrainer.train(sentence_iterator=iter(generate_stories(100)), model_writer=model,
@@ -171,7 +171,7 @@ def test_export_then_import_gives_identical_weights(tmp_path, tokenizer_path, ti
 
 def test_imported_checkpoint_trains_and_generates(tmp_path, tokenizer_path, capsys):
     from nanotrain.generate import main as generate_main
-    from nanotrain.trainer import train
+    from nanotrain.training.trainer import train
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
     back = import_hf(export_hf(ckpt, tmp_path / "hf"), tmp_path / "back")
@@ -190,7 +190,7 @@ def test_imported_checkpoint_trains_and_generates(tmp_path, tokenizer_path, caps
 
 
 def test_init_from_refuses_a_different_model_shape(tmp_path, tokenizer_path):
-    from nanotrain.checkpoint import CheckpointError, load_pretrained
+    from nanotrain.checkpoint.checkpointer import CheckpointError, load_pretrained
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
     cfg = load_config(str(ckpt / "config.toml"), ["--model.n_layers=3"])

@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from nanotrain.config import load_config, preset_names
-from nanotrain.model import build_model, num_parameters
+from nanotrain.model.transformer import build_model, num_parameters
 from nanotrain.train import COMMON_KEYS, main, preset_description
-from nanotrain.trainer import train
+from nanotrain.training.trainer import train
 
 TINY = [
     "--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2", "--model.d_ff=128",

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nanotrain.config import ModelConfig
-from nanotrain.loss import IGNORE_INDEX, fused_next_token_loss, next_token_loss
-from nanotrain.model import build_model
+from nanotrain.model.loss import IGNORE_INDEX, fused_next_token_loss, next_token_loss
+from nanotrain.model.transformer import build_model
 
 
 def loss_and_grads(hidden, weight, labels, fused: bool, chunk_rows: int = 7, scale: float = 0.37):

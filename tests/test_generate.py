@@ -7,13 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanotrain.inference_checkpoint import save_inference
+from nanotrain.checkpoint.inference import save_inference
 from nanotrain.config import ModelConfig, load_config
 from nanotrain.files import sha256_file
 from nanotrain.generate import main
-from nanotrain.model import build_model
-from nanotrain.sampling import (GenerationError, encode_prompt, filter_logits, generate, sample_completions,
+from nanotrain.inference.sampling import (GenerationError, encode_prompt, filter_logits, generate, sample_completions,
                                 sample_next)
+from nanotrain.model.transformer import build_model
 
 PROMPTS = [[5, 17, 3, 9, 30, 2, 11], [7, 8], [40, 1, 1, 22]]
 
@@ -141,8 +141,8 @@ def test_generate_restores_training_mode():
 
 @pytest.fixture(scope="module")
 def story_tokenizer(tmp_path_factory):
-    from nanotrain.stories import generate_stories
-    from nanotrain.tokenizer import Tokenizer
+    from nanotrain.data.stories import generate_stories
+    from nanotrain.data.tokenizer import Tokenizer
 
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     return Tokenizer.train(generate_stories(200), 320).save(path)
@@ -199,7 +199,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, story_tokenizer, capsys, case,
 
 
 def test_empty_prompt_samples_from_bos_and_long_prompts_are_cropped(tmp_path, story_tokenizer, capsys):
-    from nanotrain.tokenizer import Tokenizer
+    from nanotrain.data.tokenizer import Tokenizer
 
     assert encode_prompt(Tokenizer.load(story_tokenizer), "") == [Tokenizer.load(story_tokenizer).bos_id]
     ckpt = write_checkpoint(tmp_path / "ckpt", story_tokenizer)  # context 32
@@ -231,7 +231,7 @@ def test_cli_help_shows_the_defaults(capsys):
 
 
 def test_sample_completions_continue_the_prompts(story_tokenizer):
-    from nanotrain.tokenizer import Tokenizer
+    from nanotrain.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(story_tokenizer)
     model = tiny_model("llama", vocab_size=320, max_position_embeddings=32)
@@ -245,7 +245,7 @@ def test_sample_completions_continue_the_prompts(story_tokenizer):
 # ---- golden: one fixed pipeline, story text to greedy text, checked against tests/golden/ ----------
 #
 # The golden run prepares 300 generated stories with a 320-token tokenizer, trains a 39k-parameter
-# llama for 200 steps from seed 0 through nanotrain.trainer.train, and greedy-decodes two prompts
+# llama for 200 steps from seed 0 through nanotrain.training.trainer.train, and greedy-decodes two prompts
 # (one left-padded batch, KV cache) from the weights that run produced, shipped as
 # tests/golden/model.safetensors. tests/golden/golden.json holds what the run gave, and three tests
 # compare this machine's run with it:
@@ -349,7 +349,7 @@ def greedy_continuations(model, tokenizer) -> list[dict]:
 
 def write_golden(data_dir: Path, result) -> None:
     """Record the golden run in tests/golden/, refusing greedy choices too close to call on another CPU."""
-    from nanotrain.tokenizer import Tokenizer
+    from nanotrain.data.tokenizer import Tokenizer
 
     model = result.model.eval()
     continuations = greedy_continuations(model, Tokenizer.load(data_dir / "tokenizer.model"))
@@ -377,7 +377,7 @@ def golden_dataset(tmp_path_factory, make_story_dataset):
 
 @pytest.fixture(scope="module")
 def golden_training(golden_dataset):
-    from nanotrain.trainer import train
+    from nanotrain.training.trainer import train
 
     return train(golden_config(golden_dataset, golden_dataset.parent / "run"))
 
@@ -418,7 +418,7 @@ def test_golden_training_run(golden, golden_training):
 
 
 def test_golden_greedy_continuation(golden, golden_dataset):
-    from nanotrain.tokenizer import Tokenizer
+    from nanotrain.data.tokenizer import Tokenizer
 
     got = greedy_continuations(golden_model(golden_dataset), Tokenizer.load(golden_dataset / "tokenizer.model"))
     assert [row["prompt"] for row in golden["continuations"]] == GOLDEN_PROMPTS

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from nanotrain.config import ModelConfig
-from nanotrain.hf import ExportError, check_llama_features, hf_llama_config, hf_llama_name, model_config_from_hf
-from nanotrain.model import build_model
+from nanotrain.hf.llama import ExportError, check_llama_features, hf_llama_config, hf_llama_name, model_config_from_hf
+from nanotrain.model.transformer import build_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,7 +61,7 @@ def test_llama_logits_match_transformers_with_left_padding():
 
 @torch.no_grad()
 def test_the_shared_hf_config_builds_a_llama_with_our_logits():
-    # hf.py's mapping (what export writes as config.json and bench builds) gives the same model as the one above.
+    # hf/llama.py's mapping (what export writes as config.json and bench builds) gives the same model as the one above.
     ours, _ = llama_pair(tie_embeddings=True)
     hf = transformers.LlamaForCausalLM._from_config(hf_llama_config(ours.config), attn_implementation="eager").eval()
     hf.load_state_dict({hf_llama_name(name): tensor for name, tensor in ours.state_dict().items()}, strict=True)

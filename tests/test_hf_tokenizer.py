@@ -5,15 +5,15 @@ import json
 import numpy as np
 import pytest
 
+from nanotrain.checkpoint.inference import load_inference
 from nanotrain.config import load_config
-from nanotrain.data_sources import TokensSource
+from nanotrain.data.hf_tokenizer import HuggingFaceTokenizer
+from nanotrain.data.sources import TokensSource
+from nanotrain.data.stories import generate_stories
+from nanotrain.data.tokenizer import Tokenizer, TokenizerError
 from nanotrain.export import export_hf, import_hf
-from nanotrain.hf_tokenizer import HuggingFaceTokenizer
-from nanotrain.inference_checkpoint import load_inference
 from nanotrain.prepare import main as prepare_main, prepare
-from nanotrain.stories import generate_stories
-from nanotrain.tokenizer import Tokenizer, TokenizerError
-from nanotrain.trainer import train
+from nanotrain.training.trainer import train
 from test_export import HARD_STRINGS
 
 tokenizers = pytest.importorskip("tokenizers")

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from nanotrain.loss import IGNORE_INDEX, count_valid_tokens, mean_next_token_loss, next_token_loss
+from nanotrain.model.loss import IGNORE_INDEX, count_valid_tokens, mean_next_token_loss, next_token_loss
 
 
 def test_loss_equals_hand_computation_with_ignored_labels():

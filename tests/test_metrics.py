@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from nanotrain.config import load_config
-from nanotrain.metrics import SpeedMeter, device_peak_tflops, gpu_peak_tflops, measure_matmul_tflops
-from nanotrain.model import flops_per_token
-from nanotrain.run_log import format_step
-from nanotrain.trainer import train
+from nanotrain.model.transformer import flops_per_token
+from nanotrain.reporting.metrics import SpeedMeter, device_peak_tflops, gpu_peak_tflops, measure_matmul_tflops
+from nanotrain.reporting.run_log import format_step
+from nanotrain.training.trainer import train
 
 SPEED_FIELDS = ("tokens_per_sec", "tokens_per_sec_per_rank", "mfu_pct", "peak_mem_gib", "peak_mem_pct",
                 "data_ms", "compute_ms")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from nanotrain.config import ModelConfig, load_config, preset_names
-from nanotrain.flavours import FEATURES, Flavour, FlavourFeatures
-from nanotrain.hf import hf_llama_name, nanotrain_name_from_hf
-from nanotrain.model import build_model, flops_per_token, num_parameters, parameter_report
+from nanotrain.hf.llama import hf_llama_name, nanotrain_name_from_hf
+from nanotrain.model.flavours import FEATURES, Flavour, FlavourFeatures
+from nanotrain.model.transformer import build_model, flops_per_token, num_parameters, parameter_report
 
 FLAVOURS = ["gpt", "llama"]
 
@@ -236,7 +236,7 @@ def test_every_flavour_has_one_row_of_features_and_presets_name_known_flavours()
 
 
 def test_a_third_flavour_is_one_row_of_features(monkeypatch):
-    # A llama with biases and a GELU MLP: no code in model.py names it, yet it builds and trains.
+    # A llama with biases and a GELU MLP: no code in model/transformer.py names it, yet it builds and trains.
     hybrid = FlavourFeatures(norm="rmsnorm", mlp="gelu", positions="rope", bias=True, grouped_query_attention=True)
     monkeypatch.setitem(FEATURES, "hybrid", hybrid)
     cfg = tiny_config("hybrid", n_kv_heads=2)

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from nanotrain.config import load_config
-from nanotrain.trainer import train
+from nanotrain.training.trainer import train
 from test_checkpoint import losses
 from test_distributed import REPO, STEPS, TINY, TOLERANCE, max_loss_difference, worker_env
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from nanotrain.config import Config, ConfigError, OptimConfig, load_config
-from nanotrain.optim import Schedule, build_optimizer, parameter_groups, schedule_change
+from nanotrain.training.optim import Schedule, build_optimizer, parameter_groups, schedule_change
 
 
 class Tiny(nn.Module):

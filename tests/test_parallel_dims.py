@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanotrain import distributed
 from nanotrain.config import ConfigError, load_config
-from nanotrain.model import build_model
-from nanotrain.parallel_dims import ParallelDims
-from nanotrain.precision import Precision
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel import distributed
+from nanotrain.parallel.dims import ParallelDims
+from nanotrain.parallel.precision import Precision
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--data.source=random", "--model.vocab_size=64", "--model.d_model=32", "--model.n_layers=2", "--model.n_heads=4",
@@ -79,7 +79,7 @@ def test_two_ranks_share_a_dp_mesh_that_ddp_fsdp_and_reductions_use(tmp_path):
         assert report["sum_over_dp"] == [3.0, 2.0]  # (rank + 1, 1) summed over both ranks
         assert report["ddp_uses_dp_group"] is True
         assert report["fsdp_params_on_dp_mesh"] is True
-        assert report["fsdp_bf16_logits"] == "torch.bfloat16"  # the policy precision.py produced was applied
+        assert report["fsdp_bf16_logits"] == "torch.bfloat16"  # the policy parallel/precision.py produced was applied
     # gathered on rank 0 only, and equal to the unsharded model bit for bit
     assert seen[0]["full_state_equals_build_model"] is True and seen[1]["full_state_keys"] == 0
 

@@ -7,14 +7,14 @@ import re
 import pytest
 import torch
 
-import nanotrain.precision as precision_module
-import nanotrain.trainer as trainer_module
+import nanotrain.parallel.precision as precision_module
+import nanotrain.training.trainer as trainer_module
 from nanotrain.config import ConfigError, load_config
-from nanotrain.distributed import parallelize
-from nanotrain.parallel_dims import ParallelDims
-from nanotrain.model import build_model
-from nanotrain.precision import Precision
-from nanotrain.trainer import train
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel.dims import ParallelDims
+from nanotrain.parallel.distributed import parallelize
+from nanotrain.parallel.precision import Precision
+from nanotrain.training.trainer import train
 
 TINY = [
     "--model.n_layers=2", "--model.d_model=32", "--model.n_heads=4", "--model.n_kv_heads=2",

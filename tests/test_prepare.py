@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nanotrain import dataset_format
-from nanotrain.dataset_format import PrepareError, token_dtype
+from nanotrain.data import dataset_format
+from nanotrain.data.dataset_format import PrepareError, token_dtype
+from nanotrain.data.stories import generate_stories
+from nanotrain.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from nanotrain.prepare import main, prepare
-from nanotrain.stories import generate_stories
-from nanotrain.tokenizer import SentencePieceTokenizer, Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"

@@ -9,11 +9,11 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 import pytest
 
-from nanotrain.dataset_format import open_meta
+from nanotrain.data.dataset_format import open_meta
+from nanotrain.data.stories import generate_stories
+from nanotrain.data.tokenizer import Tokenizer
 from nanotrain.files import sha256_file
 from nanotrain.prepare import main, prepare
-from nanotrain.stories import generate_stories
-from nanotrain.tokenizer import Tokenizer
 
 DOCS = generate_stories(300, seed=5)
 DATASET_FILES = ("train.bin", "val.bin", "train.idx", "val.idx", "tokenizer.model")

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanotrain.checkpoint_files import list_checkpoints
+from nanotrain.checkpoint.manifest import list_checkpoints
 from nanotrain.config import load_config, tomllib  # tomllib, or tomli on Python 3.10
 from test_checkpoint import REPO, SUBPROCESS_TIMEOUT, subprocess_env
 
@@ -57,7 +57,7 @@ def test_readme_rows_typed_in_order_each_train_in_a_run_of_their_own(tmp_path):
     for command, run_dir in ROWS:
         assert f"`{command}`" in readme, f"the README no longer shows `{command}`: update ROWS"
         proc = subprocess.run(as_run(command) + SMALL, cwd=clone, env=env, capture_output=True, text=True,
-                              timeout=SUBPROCESS_TIMEOUT)  # the ranks end with their launcher (distributed.py)
+                              timeout=SUBPROCESS_TIMEOUT)  # the ranks end with their launcher (parallel/distributed.py)
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"{command}:\n{output[-3000:]}"
         assert "nothing to train" not in output and "error:" not in output, f"{command}:\n{output[-3000:]}"

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from nanotrain import checkpoint
-from nanotrain.checkpoint import CheckpointError, verify
+from nanotrain.checkpoint import checkpointer as checkpoint
+from nanotrain.checkpoint.checkpointer import CheckpointError, verify
 from nanotrain.config import load_config
-from nanotrain.run_directory import RunDirectoryError, locked
+from nanotrain.reporting.run_directory import RunDirectoryError, locked
 from nanotrain.train import main
 from test_checkpoint import REPO, SUBPROCESS_TIMEOUT, args_for, run_cli, run_here, subprocess_env
 

@@ -1,17 +1,17 @@
-"""The run log (nanotrain/run_log.py): one call per event, fanned out to the console and metrics.jsonl sinks."""
+"""The run log (nanotrain/reporting/run_log.py): one call per event, fanned out to the console and metrics.jsonl sinks."""
 
 import json
 import math
 
 import pytest
 
-from nanotrain import run_log
 from nanotrain.config import load_config
+from nanotrain.data.loader import build_data
 from nanotrain.errors import NanotrainError
-from nanotrain.parallel_dims import ParallelDims
-from nanotrain.data import build_data
-from nanotrain.run_log import ConsoleSink, JsonlSink, RunLog, Sink, format_epochs, format_eval, format_step, read_metrics
-from nanotrain.trainer import train
+from nanotrain.parallel.dims import ParallelDims
+from nanotrain.reporting import run_log
+from nanotrain.reporting.run_log import ConsoleSink, JsonlSink, RunLog, Sink, format_epochs, format_eval, format_step, read_metrics
+from nanotrain.training.trainer import train
 
 TINY = [
     "--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.d_ff=64",

@@ -4,8 +4,8 @@ import threading
 
 import numpy as np
 
-from nanotrain.dataset_format import read_meta
-from nanotrain.stories import GENERATOR_VERSION, generate_stories, prepare_stories
+from nanotrain.data.dataset_format import read_meta
+from nanotrain.data.stories import GENERATOR_VERSION, generate_stories, prepare_stories
 
 
 def test_generator_is_deterministic_and_varied():

@@ -29,11 +29,11 @@ import pytest
 import torch
 
 from nanotrain.config import ConfigError, load_config
-from nanotrain.evaluation import evaluate_checkpoint
-from nanotrain.model import build_model
-from nanotrain.parallel_dims import ParallelDims
-from nanotrain.tensor_parallel import vocabulary_starts
-from nanotrain.trainer import train
+from nanotrain.inference.evaluation import evaluate_checkpoint
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel.dims import ParallelDims
+from nanotrain.parallel.tensor_parallel import vocabulary_starts
+from nanotrain.training.trainer import train
 from test_distributed import (
     REPO, STEPS, TOLERANCE, WORKER, layout_overrides, max_loss_difference, relative_difference, worker_env,
 )

@@ -5,8 +5,8 @@ import io
 import pytest
 import sentencepiece as spm
 
-from nanotrain.stories import generate_stories
-from nanotrain.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, SentencePieceTokenizer, Tokenizer, TokenizerError
+from nanotrain.data.stories import generate_stories
+from nanotrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, SentencePieceTokenizer, Tokenizer, TokenizerError
 
 
 @pytest.fixture(scope="module")

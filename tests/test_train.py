@@ -8,16 +8,16 @@ import sys
 import pytest
 import torch
 
-from nanotrain import distributed, precision
-from nanotrain import trainer as trainer_module
-from nanotrain.checkpoint import list_checkpoints
+from nanotrain.checkpoint.checkpointer import list_checkpoints
 from nanotrain.config import TrainConfig, load_config
-from nanotrain.data import unigram_entropy
-from nanotrain.divergence import DivergenceError, DivergenceGuard
-from nanotrain.model import build_model
-from nanotrain.run_log import read_metrics
-from nanotrain.stories import prepare_stories
-from nanotrain.trainer import train
+from nanotrain.data.loader import unigram_entropy
+from nanotrain.data.stories import prepare_stories
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel import distributed, precision
+from nanotrain.reporting.run_log import read_metrics
+from nanotrain.training import trainer as trainer_module
+from nanotrain.training.divergence import DivergenceError, DivergenceGuard
+from nanotrain.training.trainer import train
 
 TINY = [
     "--model.n_layers=2", "--model.d_model=64", "--model.n_heads=4", "--model.n_kv_heads=2",
@@ -87,7 +87,7 @@ def test_extending_a_finished_run_names_its_lr_jump_and_decay_steps_keeps_the_fl
     assert lrs[6] == pytest.approx(2e-3) and lrs[9] == lrs[10] == pytest.approx(2e-4)  # step k logs update k's lr
 
 
-# ---- divergence: non-finite and spiking losses, skipped updates (nanotrain/divergence.py) ----------------
+# ---- divergence: non-finite and spiking losses, skipped updates (nanotrain/training/divergence.py) ----------------
 
 def steps_of(run_dir):
     return [step for step, _ in list_checkpoints(run_dir / "checkpoints")]

@@ -5,16 +5,16 @@ import copy
 import pytest
 import torch
 
-from nanotrain import precision as precision_module
-from nanotrain import trainer as trainer_module
 from nanotrain.config import ModelConfig, OptimConfig, load_config
-from nanotrain.evaluation import mean_loss
-from nanotrain.loss import IGNORE_INDEX
-from nanotrain.model import build_model
-from nanotrain.optim import build_optimizer
-from nanotrain.parallel_dims import ParallelDims
-from nanotrain.precision import Precision
-from nanotrain.train_step import train_step
+from nanotrain.inference.evaluation import mean_loss
+from nanotrain.model.loss import IGNORE_INDEX
+from nanotrain.model.transformer import build_model
+from nanotrain.parallel import precision as precision_module
+from nanotrain.parallel.dims import ParallelDims
+from nanotrain.parallel.precision import Precision
+from nanotrain.training import trainer as trainer_module
+from nanotrain.training.optim import build_optimizer
+from nanotrain.training.step import train_step
 
 CPU = ParallelDims.single_process("cpu")
 MODEL = ModelConfig(vocab_size=61, max_position_embeddings=16, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_ff=64)
