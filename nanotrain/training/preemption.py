@@ -8,6 +8,7 @@ A second signal means "now": the default behaviour takes over.
 from __future__ import annotations
 
 import signal
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -18,7 +19,7 @@ from nanotrain.parallel.dims import ParallelDims
 class Preemption:
     """Installs SIGTERM/SIGINT handlers (when `enabled`) and tells the loop whether any rank got one."""
 
-    def __init__(self, enabled: bool, dims: ParallelDims):
+    def __init__(self, enabled: bool, dims: ParallelDims, timeout_s: float = 300.0):
         self.enabled = enabled
         self._signal_received = False
         self._group = None
@@ -28,8 +29,10 @@ class Preemption:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         if dist.is_initialized() and dims.world_size > 1:
-            # Agreeing on the flag over gloo with a CPU tensor keeps the step free of device syncs.
-            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+            # Agreeing on the flag over gloo with a CPU tensor keeps the step free of device syncs. The side
+            # group gets the run's collective timeout (parallel.timeout_s), not gloo's 30-minute default.
+            self._group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                           if dist.get_backend() != "gloo" else dist.group.WORLD)
 
     def _on_signal(self, signum, frame) -> None:
         self._signal_received = True

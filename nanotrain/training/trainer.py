@@ -106,7 +106,7 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
 
     train_state = TrainState()  # step, tokens seen, skipped steps: what trainer_state.json records
     checkpointer = Checkpointer(cfg, dims, data, model, optimizer, precision.scaler, train_state)
-    preemption = Preemption(cfg.checkpoint.on_preempt, dims)  # SIGTERM/SIGINT: save and stop after the step
+    preemption = Preemption(cfg.checkpoint.on_preempt, dims, cfg.parallel.timeout_s)  # SIGTERM/SIGINT: save and stop
     cleanup.callback(preemption.close)  # hand SIGTERM/SIGINT back however the run ends
     step = checkpointer.restore()  # 0 unless checkpoint.resume finds a checkpoint
     if checkpointer.resumed_config:  # a longer train.max_steps re-stretches the cosine: say what it does to the lr
