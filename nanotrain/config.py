@@ -22,10 +22,9 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
-from nanotrain.errors import NanotrainError
-from nanotrain.model.flavours import FEATURES, Flavour, FlavourFeatures
+from nanotrain.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,8 +35,32 @@ PRESET_DIR = Path(__file__).parent / "configs"
 DEFAULT_PRESET = "default"
 
 
-class ConfigError(NanotrainError):
-    """A configuration problem, described in one line that says how to fix it."""
+# ---- model flavours: names for combinations of architectural features ---------------------------
+# model/transformer.py builds from `ModelConfig.features` and never compares flavour names. A third
+# flavour is its name in `Flavour`, one row in `FEATURES`, a preset in configs/, and (only for a
+# norm, MLP or position encoding the model lacks) one new block in model/transformer.py (docs/01).
+# Tied embeddings are not a flavour feature: any flavour may set `model.tie_embeddings`.
+
+Flavour = Literal["llama", "gpt"]  # the allowed values of model.flavour; FEATURES has a row for each
+
+
+@dataclass(frozen=True)
+class FlavourFeatures:
+    """The architectural choices one flavour stands for."""
+
+    norm: Literal["layernorm", "rmsnorm"]  # rmsnorm is computed in fp32, as HF Llama does
+    mlp: Literal["gelu", "swiglu"]  # down(gelu(up x)) or down(silu(gate x) * up x)
+    positions: Literal["learned", "rope"]  # a learned pos_embeddings table, or RoPE on q and k
+    bias: bool  # biases on the attention and MLP projections (never on the head)
+    grouped_query_attention: bool  # whether model.n_kv_heads may be fewer than model.n_heads
+
+
+FEATURES: dict[str, FlavourFeatures] = {
+    "llama": FlavourFeatures(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+                             grouped_query_attention=True),
+    "gpt": FlavourFeatures(norm="layernorm", mlp="gelu", positions="learned", bias=True,
+                           grouped_query_attention=False),
+}
 
 
 def setting(default, help: str):
@@ -329,10 +352,14 @@ def _preset_path(name_or_path: str) -> Path:
     return shipped
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None,
+                dataset_vocab: Callable[[str], int] | None = None) -> Config:
     """Build and validate a Config from a preset (name or .toml path) and dotted overrides.
 
-    `overrides` take the form "section.key=value" (a leading "--" is allowed).
+    `overrides` take the form "section.key=value" (a leading "--" is allowed). `dataset_vocab`
+    reads a prepared dataset's vocabulary (data/dataset_format.py's `dataset_vocab_size`): the
+    commands pass it so that an unset model.vocab_size follows `data.path`; this foundation reads
+    no dataset itself (docs/11).
     """
     cfg = Config()
     path = _preset_path(name_or_path or DEFAULT_PRESET)
@@ -349,7 +376,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
         # directory, is known here, before any process group: --print-config and config.toml show it.
         dp = max(int(os.environ.get("WORLD_SIZE", "1")) // p.tp, 1)
         cfg.train.out_dir = default_out_dir(path.stem, p.strategy, dp, p.tp, p.sequence_parallel)
-    follow_the_data(cfg, in_file, on_command_line)
+    follow_the_data(cfg, in_file, on_command_line, dataset_vocab)
     validate(cfg)
     return cfg
 
@@ -385,15 +412,17 @@ def default_out_dir(preset: str, strategy: str, dp: int, tp: int, sequence_paral
     return f"runs/{'-'.join([preset, *layout])}"
 
 
-def follow_the_data(cfg: Config, in_file: set[str], on_command_line: set[str]) -> None:
+def follow_the_data(cfg: Config, in_file: set[str], on_command_line: set[str],
+                    dataset_vocab: Callable[[str], int] | None = None) -> None:
     """Resolve the keys the data decides unless the config file or an override set them.
 
     A non-empty data.path means the prepared dataset there: data.source becomes "tokens". A
     conflicting data.source is an error when it was given at the same level as data.path or
     above it (both in the file, or both on the command line); a `--data.path` override wins
     over a file's data.source, so `--config RUN/config.toml --data.path=DIR` works.
-    model.vocab_size, unless given, becomes the data's vocabulary: the dataset's (read from its meta.json), else data.stories_vocab_size, the
-    built-in corpus's, which the random source shares so that switching to it keeps the model's
+    model.vocab_size, unless given, becomes the data's vocabulary: the dataset's, read by
+    `dataset_vocab` (without it a dataset's vocabulary must be given), else data.stories_vocab_size,
+    the built-in corpus's, which the random source shares so that switching to it keeps the model's
     shape. The result is concrete, so the saved config.toml reads back to the same run.
     """
     d, m = cfg.data, cfg.model
@@ -411,9 +440,10 @@ def follow_the_data(cfg: Config, in_file: set[str], on_command_line: set[str]) -
     if level("model.vocab_size") or (d.source == "tokens" and not d.path):  # validate names the missing path
         return
     if d.source == "tokens":
-        from nanotrain.data.dataset_format import dataset_vocab_size  # numpy and sentencepiece only when a dataset is named
-
-        m.vocab_size = dataset_vocab_size(d.path)
+        if dataset_vocab is None:
+            raise ConfigError(f"model.vocab_size follows the dataset at data.path = '{d.path}', which this caller "
+                              f"does not read; set --model.vocab_size to the dataset's vocabulary")
+        m.vocab_size = dataset_vocab(d.path)
     else:
         m.vocab_size = d.stories_vocab_size
 

@@ -7,6 +7,7 @@ import pytest
 
 from nanotrain.checkpoint.inference import load_inference
 from nanotrain.config import load_config
+from nanotrain.data.dataset_format import dataset_vocab_size
 from nanotrain.data.hf_tokenizer import HuggingFaceTokenizer
 from nanotrain.data.sources import TokensSource
 from nanotrain.data.stories import generate_stories
@@ -140,7 +141,7 @@ def checkpoint(prepared, tmp_path_factory):
         f"--data.path={data}", "--model.n_layers=1", "--model.d_model=32", "--model.n_heads=2", "--model.n_kv_heads=1",
         "--model.d_ff=64", "--model.max_position_embeddings=64", "--train.seq_len=32", "--train.batch_size=4",
         "--train.max_steps=4", "--train.eval_every=4", "--train.log_every=2", "--train.sample_tokens=8",
-        "--checkpoint.interval=4", "--checkpoint.on_preempt=false", f"--train.out_dir={out}"])
+        "--checkpoint.interval=4", "--checkpoint.on_preempt=false", f"--train.out_dir={out}"], dataset_vocab_size)
     train(cfg)
     return out / "checkpoints" / "step_00000004"
 
