@@ -1,8 +1,14 @@
-"""Side-by-side training throughput: nanotrain against what a user would write instead.
+"""Side-by-side training throughput: nanotrain against what a user would write instead; or, with
+`--layouts`, the per-rank memory and step time of a parallel layout (training/layout_benchmark.py).
 
     python -m nanotrain.bench [--config tinystories-20m] [--shape llama-125m] [--seq_len 256]
                               [--batch_size 8] [--steps 3] [--rounds 5] [--precision fp32]
                               [--compile] [--reference auto|none] [--profile] [--json FILE]
+    python -m nanotrain.bench --layouts [--config tinystories-20m] [--global_batch 8] [--warmup 2]
+                                        [--steps 5] [--profile] [--section.key=value ...]
+    torchrun --nproc_per_node=N -m nanotrain.bench --layouts [the same options]
+
+The two modes take their own options; an option of the other mode is refused in one line.
 
 In one process, on one batch, it times full training steps (forward, loss, backward, clip,
 AdamW step) of nanotrain's model and of a reference trained by a plain PyTorch loop:
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -35,13 +42,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanotrain.config import CHOICES, ModelConfig, load_config
-from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
+from nanotrain.data.dataset_format import dataset_vocab_size
+from nanotrain.errors import ArgumentParser, NanotrainError, UsageError, exit_on_error
 from nanotrain.hf.llama import LLAMA_FEATURES, hf_llama_config, hf_llama_name
 from nanotrain.model.transformer import build_model, flops_per_token
 from nanotrain.parallel import distributed
 from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.precision import Precision
 from nanotrain.reporting.metrics import SpeedMeter, device_peak_tflops, peak_memory
+from nanotrain.training import layout_benchmark
 from nanotrain.training.optim import build_optimizer
 from nanotrain.training.step import train_step
 
@@ -187,8 +196,23 @@ def reference_side(name: str, model: nn.Module, cfg, dims: ParallelDims, precisi
     return Side(name, step)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+LAYOUTS = "--layouts"
+LAYOUTS_EXAMPLES = """Per-rank memory and step time of a parallel layout (one process, TP, FSDP, FSDP x TP, DDP x TP).
+
+    OMP_NUM_THREADS=2 python -m nanotrain.bench --layouts                              one process
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m nanotrain.bench --layouts --parallel.tp=2
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 -m nanotrain.bench --layouts --parallel.strategy=fsdp
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 -m nanotrain.bench --layouts --parallel.tp=2 \\
+        --parallel.strategy=fsdp                                                       (or ddp)
+"""
+
+
+def build_parser() -> ArgumentParser:
+    """The throughput benchmark's options."""
     parser = ArgumentParser(prog="python -m nanotrain.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(LAYOUTS, action="store_true",
+                        help="measure per-rank memory and step time of a parallel layout instead, with its own "
+                             "options (python -m nanotrain.bench --layouts --help)")
     parser.add_argument("--config", default="tinystories-20m", help="preset name or .toml path (model shape)")
     parser.add_argument("--shape", choices=sorted(BENCH_SHAPES), help="a model shape of BENCH_SHAPES instead of the preset's")
     parser.add_argument("--seq_len", type=int, default=256)
@@ -205,7 +229,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write every figure to this JSON file")
     parser.add_argument("--reference_fused_adamw", action="store_true",
                         help="give the reference torch's fused AdamW too (compares model + loss alone)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def build_layouts_parser() -> ArgumentParser:
+    """The layouts benchmark's options; any config key is overridden on top as --section.key=value."""
+    parser = ArgumentParser(prog=f"python -m nanotrain.bench {LAYOUTS}",
+                            description=LAYOUTS_EXAMPLES + "\n" + layout_benchmark.__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the command examples' layout
+                            epilog="Any config key can be overridden as --section.key=value (e.g. --parallel.tp=2).")
+    parser.add_argument("--config", default="tinystories-20m", help="preset name or .toml path (model shape)")
+    parser.add_argument("--global_batch", type=int, default=8, help="sequences per optimizer step over all dp ranks")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocations, optimizer state)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="then profile one more step on rank 0 and print its top ops")
+    return parser
+
+
+def option_names(parser: argparse.ArgumentParser) -> set[str]:
+    return {name for action in parser._actions for name in action.option_strings}  # argparse lists them nowhere public
+
+
+def refuse_the_other_modes_options(argv: list[str], layouts: bool) -> None:
+    """One error line for an option only the other mode takes, where argparse would call it unknown."""
+    throughput_only = option_names(build_parser()) - option_names(build_layouts_parser())
+    layouts_only = option_names(build_layouts_parser()) - option_names(build_parser())
+    for item in argv:
+        name = item.split("=", 1)[0]
+        if layouts and name in throughput_only:
+            raise UsageError(f"{name} is an option of the throughput benchmark, not of {LAYOUTS}: drop it (with "
+                             f"{LAYOUTS} a config key is set as --section.key=value, e.g. --train.seq_len=512; run "
+                             f"'python -m nanotrain.bench {LAYOUTS} --help')")
+        if not layouts and (name in layouts_only or (name.startswith("--") and "." in name)):
+            raise UsageError(f"{name} is taken by {LAYOUTS} only (per-rank memory and step time of a parallel "
+                             f"layout): add {LAYOUTS} or drop it (run 'python -m nanotrain.bench --help')")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    refuse_the_other_modes_options(argv, layouts=False)
+    return build_parser().parse_args(argv)
+
+
+def parse_layouts_args(argv: list[str]) -> tuple[layout_benchmark.BenchmarkSettings, list[str]]:
+    """The layouts benchmark's settings and its --section.key=value overrides."""
+    refuse_the_other_modes_options(argv, layouts=True)
+    args, overrides = build_layouts_parser().parse_known_args(argv)
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item or "." not in item.split("=", 1)[0]:
+            raise NanotrainError(f"unexpected argument '{item}': overrides look like --section.key=value")
+    if args.global_batch < 1 or args.warmup < 1 or args.steps < 1:
+        raise NanotrainError("--global_batch, --warmup and --steps must be >= 1 (a warm-up step creates "
+                             "the optimizer state that is counted)")
+    return layout_benchmark.BenchmarkSettings(args.config, args.global_batch, args.warmup, args.steps,
+                                              args.profile), overrides
 
 
 def self_time_us(event, on_device: bool) -> float:
@@ -245,8 +322,22 @@ def format_profile(side_name: str, summary: list[dict], on_cuda: bool) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if LAYOUTS in argv:
+        layouts_main([item for item in argv if item != LAYOUTS])
+    else:
+        throughput_main(argv)
+
+
+@distributed.torchrun_entry  # under torchrun: the failing rank's traceback in the job summary; a clean exit
 @exit_on_error
-def main(argv=None) -> None:
+def layouts_main(argv: list[str]) -> None:
+    layout_benchmark.benchmark_layout(*parse_layouts_args(argv))
+
+
+@exit_on_error
+def throughput_main(argv: list[str]) -> None:
     args = parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise NanotrainError("--steps, --rounds and --batch_size must be >= 1 and --seq_len >= 2")
@@ -255,7 +346,7 @@ def main(argv=None) -> None:
         f"--train.seq_len={args.seq_len}", f"--train.batch_size={args.batch_size}",
         f"--train.precision={args.precision}", f"--train.compile={str(args.compile).lower()}",
         f"--train.device={args.device}", "--model.dropout=0.0",
-    ])
+    ], dataset_vocab_size)
     dims = ParallelDims.single_process(distributed.pick_device(cfg.train.device, 0))
     if dims.device.type == "cuda":
         torch.cuda.set_device(dims.device)

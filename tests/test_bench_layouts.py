@@ -1,18 +1,17 @@
-"""benchmarks/layouts.py counts each rank's parameter, gradient and optimizer bytes right: one process and TP 2.
+"""`nanotrain.bench --layouts` counts each rank's parameter, gradient and optimizer bytes right: one process and TP 2.
 
 The expected bytes are worked out by hand from the tiny model's shapes below, not read from the model.
 """
 
-import importlib.util
 import re
 import subprocess
 import sys
 
 import pytest
 
-from test_distributed import REPO, worker_env
+from nanotrain.bench import main
+from test_distributed import worker_env
 
-SCRIPT = REPO / "benchmarks" / "layouts.py"
 V, C, LAYERS, HEADS, KV_HEADS, FF = 64, 32, 2, 4, 2, 64
 TINY = [f"--model.vocab_size={V}", f"--model.d_model={C}", f"--model.n_layers={LAYERS}", f"--model.n_heads={HEADS}",
         f"--model.n_kv_heads={KV_HEADS}", f"--model.d_ff={FF}", "--model.tie_embeddings=false", "--train.seq_len=16",
@@ -31,14 +30,6 @@ def adamw_state(parameter_bytes: int) -> int:
     return 2 * parameter_bytes + TENSORS * FP32  # exp_avg and exp_avg_sq shaped like the parameters
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_layouts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def table_rows(out: str) -> list[list[str]]:
     """The per-rank rows: rank, dp, tp, parameters, gradients, optimizer, total, %, step s, ..."""
     return [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+\d+\s+\d+\s+[\d,]+", line)]
@@ -49,7 +40,7 @@ def as_int(cell: str) -> int:
 
 
 def test_one_process_counts_every_tensor_whole(capsys):
-    load_script().main(TINY)
+    main(["--layouts", *TINY])
     out = capsys.readouterr().out
     parameters = (SPLIT + WHOLE) * FP32
     assert f"1 process: parameters {parameters:,} B | gradients {parameters:,} B" in out, out
@@ -62,8 +53,8 @@ def test_one_process_counts_every_tensor_whole(capsys):
 @pytest.mark.slow
 def test_tensor_parallel_ranks_hold_half_the_matrices_and_the_norms_whole():
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
-         "--parallel.tp=2", *TINY],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "nanotrain.bench",
+         "--layouts", "--parallel.tp=2", *TINY],
         env={**worker_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -79,14 +70,28 @@ def test_tensor_parallel_ranks_hold_half_the_matrices_and_the_norms_whole():
 
 
 def test_bad_arguments_give_one_line_errors(capsys):
-    main = load_script().main
     for argv in (["--steps", "0"], ["--parallel.tp"], ["--config", "no-such-preset"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(argv)
+            main(["--layouts", *argv])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (argv, err)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--layouts", "--seq_len", "32"], "--seq_len is an option of the throughput benchmark, not of --layouts"),
+    (["--layouts", "--rounds=2"], "--rounds is an option of the throughput benchmark, not of --layouts"),
+    (["--global_batch", "4"], "--global_batch is taken by --layouts only"),
+    (["--parallel.tp=2"], "--parallel.tp is taken by --layouts only"),
+])
+def test_an_option_of_the_other_mode_is_refused_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
 def test_help_runs_without_torchrun():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "nanotrain.bench", "--layouts", "--help"], capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0 and "--global_batch" in result.stdout and "torchrun" in result.stdout, result
+    assert "--rounds" not in result.stdout, result.stdout  # the throughput benchmark's options are not listed

@@ -1,10 +1,4 @@
-"""Per-rank memory and step time of a parallel layout (one process, TP, FSDP, FSDP x TP, DDP x TP).
-
-    OMP_NUM_THREADS=2 python benchmarks/layouts.py                                  one process
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 benchmarks/layouts.py --parallel.tp=2
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 benchmarks/layouts.py --parallel.strategy=fsdp
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 benchmarks/layouts.py --parallel.tp=2 \\
-        --parallel.strategy=fsdp                                                   (or ddp)
+"""Per-rank memory and step time of a parallel layout: `python -m nanotrain.bench --layouts` (docs/benchmarks.md).
 
 The model is built and trained as `nanotrain.train` builds it (distributed.init, build_model,
 parallelize, build_optimizer, train_step) from a preset (default tinystories-20m) at seq 256,
@@ -28,10 +22,8 @@ step times are oversubscribed and are no speed figure.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -40,8 +32,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from nanotrain.config import load_config
+from nanotrain.data.dataset_format import dataset_vocab_size
 from nanotrain.data.loader import build_data
-from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
+from nanotrain.errors import NanotrainError
 from nanotrain.model.transformer import build_model
 from nanotrain.parallel import distributed
 from nanotrain.parallel.dims import ParallelDims
@@ -144,40 +137,30 @@ def profile_table(step, rows: int) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def parse_args(argv: list[str]):
-    parser = ArgumentParser(prog="benchmarks/layouts.py", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter,  # keep the command examples' layout
-                            epilog="Any config key can be overridden as --section.key=value (e.g. --parallel.tp=2).")
-    parser.add_argument("--config", default="tinystories-20m", help="preset name or .toml path (model shape)")
-    parser.add_argument("--global_batch", type=int, default=8, help="sequences per optimizer step over all dp ranks")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocations, optimizer state)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps")
-    parser.add_argument("--profile", action="store_true",
-                        help="then profile one more step on rank 0 and print its top ops")
-    args, overrides = parser.parse_known_args(argv)
-    for item in overrides:
-        if not item.startswith("--") or "=" not in item or "." not in item.split("=", 1)[0]:
-            raise NanotrainError(f"unexpected argument '{item}': overrides look like --section.key=value")
-    if args.global_batch < 1 or args.warmup < 1 or args.steps < 1:
-        raise NanotrainError("--global_batch, --warmup and --steps must be >= 1 (a warm-up step creates "
-                             "the optimizer state that is counted)")
-    return args, overrides
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """The command's options: the preset, sequences per optimizer step over all dp ranks, untimed
+    and timed steps, and whether rank 0 profiles one more step."""
+
+    config: str
+    global_batch: int
+    warmup: int
+    steps: int
+    profile: bool
 
 
-@distributed.torchrun_entry
-@exit_on_error
-def main(argv: list[str] | None = None) -> None:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.config, BENCHMARK_DEFAULTS + overrides)
+def benchmark_layout(settings: BenchmarkSettings, overrides: list[str]) -> None:
+    """Measure the layout that torchrun and `overrides` (--section.key=value) give; rank 0 prints the table."""
+    cfg = load_config(settings.config, BENCHMARK_DEFAULTS + overrides, dataset_vocab_size)
     with distributed.process_group(cfg) as dims:
-        run(cfg, dims, args)
+        measure(cfg, dims, settings)
 
 
-def run(cfg, dims: ParallelDims, args) -> None:
-    if args.global_batch % dims.dp_size:
-        raise NanotrainError(f"--global_batch {args.global_batch} must be a multiple of the {dims.dp_size} "
+def measure(cfg, dims: ParallelDims, settings: BenchmarkSettings) -> None:
+    if settings.global_batch % dims.dp_size:
+        raise NanotrainError(f"--global_batch {settings.global_batch} must be a multiple of the {dims.dp_size} "
                              "data-parallel ranks")
-    cfg.train.batch_size = args.global_batch // dims.dp_size
+    cfg.train.batch_size = settings.global_batch // dims.dp_size
     cfg.train.grad_accum_steps = 1
     data = build_data(cfg, dims.dp_rank, dims.dp_size)
     precision = Precision(cfg.train.precision, dims.device, dims.strategy)
@@ -186,7 +169,7 @@ def run(cfg, dims: ParallelDims, args) -> None:
     model = distributed.parallelize(model, cfg, dims, precision)
     optimizer = build_optimizer(model, cfg.optim, cfg.train.lr)
     shares = record_memory_after_each_step(model, optimizer)
-    batches = [next(data.train) for _ in range(args.warmup + args.steps + args.profile)]  # not timed
+    batches = [next(data.train) for _ in range(settings.warmup + settings.steps + settings.profile)]  # not timed
 
     def step(batch):
         return train_step(model, optimizer, [batch], dims, precision, grad_clip=cfg.optim.grad_clip,
@@ -194,15 +177,15 @@ def run(cfg, dims: ParallelDims, args) -> None:
 
     activations = saved_activation_bytes(model, lambda: step(batches[0]))  # the first warm-up step
     seconds, cpu_seconds = [], []
-    for i, batch in enumerate(batches[1: args.warmup + args.steps], start=1):
+    for i, batch in enumerate(batches[1: settings.warmup + settings.steps], start=1):
         start, cpu_start = time.perf_counter(), time.process_time()
         step(batch)
-        if i >= args.warmup:
+        if i >= settings.warmup:
             seconds.append(time.perf_counter() - start)
             cpu_seconds.append(time.process_time() - cpu_start)  # all this process's threads, gloo's included
     rss_gib, _ = peak_memory(dims.device)
-    table = profile_table(lambda: step(batches[-1]), rows=20) if args.profile and dims.is_main else None
-    if args.profile and not dims.is_main:
+    table = profile_table(lambda: step(batches[-1]), rows=20) if settings.profile and dims.is_main else None
+    if settings.profile and not dims.is_main:
         step(batches[-1])  # the profiled step's collectives need every rank
     row = {"rank": dims.rank, "dp_rank": dims.dp_rank, "tp_rank": dims.tp_rank, **asdict(shares[-1]),
            "step_s": statistics.mean(seconds), "min_s": min(seconds), "max_s": max(seconds),
@@ -216,16 +199,17 @@ def run(cfg, dims: ParallelDims, args) -> None:
     if not dims.is_main:
         return
     reference = one_process_memory(cfg, {"input_ids": batches[0]["input_ids"][:1], "labels": batches[0]["labels"][:1]})
-    print_table(cfg, dims, args, parameter_count, rows, reference)
+    print_table(cfg, dims, settings, parameter_count, rows, reference)
     if table:
         print(f"\nprofile of one step on rank 0 (self CPU time):\n{table}")
 
 
-def print_table(cfg, dims: ParallelDims, args, parameter_count: int, rows: list[dict], reference: MemoryShare) -> None:
+def print_table(cfg, dims: ParallelDims, settings: BenchmarkSettings, parameter_count: int, rows: list[dict],
+                reference: MemoryShare) -> None:
     m = cfg.model
-    print(f"layouts: {args.config} ({m.flavour}, {parameter_count:,} parameters)"
+    print(f"layouts: {settings.config} ({m.flavour}, {parameter_count:,} parameters)"
           f" | {describe_layout(dims)}: {dims.world_size} process(es), dp {dims.dp_size} x tp {dims.tp_size}"
-          f" | global batch {args.global_batch} x seq {cfg.train.seq_len} ({cfg.train.batch_size} per dp rank)"
+          f" | global batch {settings.global_batch} x seq {cfg.train.seq_len} ({cfg.train.batch_size} per dp rank)"
           f" | {cfg.train.precision} | {rows[0]['threads']} thread(s) per process | torch {torch.__version__}"
           f" | load average {os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan'):.1f} (1 min)"
           f" on {os.cpu_count()} CPUs")
@@ -241,10 +225,7 @@ def print_table(cfg, dims: ParallelDims, args, parameter_count: int, rows: list[
               f" {r['optimizer_state']:>14,} {total:>14,} {100 * total / reference.total:>10.1f}%"
               f" {r['step_s']:>13.3f} {r['min_s']:>5.2f}-{r['max_s']:<5.2f} {r['cpu_s']:>10.2f} {r['rss_gib']:>12.2f}"
               f" {r['activations']:>14,}")
-    print(f"mean step over {args.steps} timed steps after {args.warmup} warm-up: "
+    print(f"mean step over {settings.steps} timed steps after {settings.warmup} warm-up: "
           f"{statistics.mean(r['step_s'] for r in rows):.3f} s (mean over ranks); CPU time "
           f"{sum(r['cpu_s'] for r in rows):.2f} s per step (sum over ranks)")
 
-
-if __name__ == "__main__":
-    main()
