@@ -192,7 +192,7 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    """Dashboards the run log writes to besides the console and metrics.jsonl (reporting/dashboards.py)."""
+    """Dashboards the run log writes to besides the console and metrics.jsonl (reporting/run_log.py)."""
 
     tensorboard: bool = setting(False, "event files in <train.out_dir>/tensorboard; needs nanotrain[tensorboard]")
     wandb_project: str = setting("", "Weights & Biases project; empty = off; needs nanotrain[wandb]")

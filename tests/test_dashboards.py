@@ -1,4 +1,4 @@
-"""The dashboards (nanotrain/reporting/dashboards.py): TensorBoard and W&B get what metrics.jsonl gets, across resumes."""
+"""The dashboards (TensorBoard and W&B sinks, reporting/run_log.py) get what metrics.jsonl gets, across resumes."""
 
 import json
 import math
@@ -12,8 +12,8 @@ import pytest
 
 from nanotrain import train as train_cli
 from nanotrain.config import describe_keys, load_config
-from nanotrain.reporting.dashboards import TENSORBOARD_DIR, WANDB_DIR, WANDB_RUN_ID_FILE, TensorBoardSink, samples_text, scalars
-from nanotrain.reporting.run_log import read_metrics
+from nanotrain.reporting.run_log import (TENSORBOARD_DIR, WANDB_DIR, WANDB_RUN_ID_FILE, TensorBoardSink, read_metrics,
+                                         samples_text, scalars)
 from nanotrain.training.trainer import train
 
 TINY = [
