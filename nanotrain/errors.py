@@ -1,7 +1,8 @@
-"""The one error type users see, and the guard that turns it into a one-line message.
+"""The error types users see, and the guard that turns them into a one-line message.
 
 Every mistake a user can make (config, data, checkpoint, command line) raises a subclass of
-`NanotrainError` with a message that says what is wrong and how to fix it. Entry points wrap
+`NanotrainError`, all defined in this module, with a message that says what is wrong and how to
+fix it; `first_line` shortens a library's exception for quoting inside one. Entry points wrap
 their `main` in `exit_on_error`, so the user sees `error: <message>` and exit code 2 instead
 of a traceback, and build their command line with `ArgumentParser`, whose complaints take the
 same path. Under torchrun the refusal is printed once, by rank 0 (docs/04, "One line, once").
@@ -16,6 +17,9 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
+
+from nanotrain.files import OUT_OF_SPACE
 
 # Set by launch/forward_signals.sh: a rank refusing bad input writes its exit status here, so the
 # script can exit 2 where torchrun itself can only say 1 ("a child failed").
@@ -33,6 +37,72 @@ class NanotrainError(Exception):
 
 class UsageError(NanotrainError):
     """A command line that argparse cannot parse (unknown flag, missing or malformed value)."""
+
+
+class ConfigError(NanotrainError):
+    """A configuration problem, described in one line that says how to fix it."""
+
+
+class TokenizerError(NanotrainError):
+    """A tokenizer problem, described in one line that says how to fix it."""
+
+
+class DashboardNotInstalledError(NanotrainError):
+    """A dashboard is turned on in the config but its package is not installed."""
+
+
+class DashboardDirectoryError(NanotrainError):
+    """A dashboard's directory in the run directory is a file or cannot be written."""
+
+
+class PrepareError(NanotrainError):
+    """A problem with the inputs or options of preparing a dataset, in one line that says how to fix it."""
+
+
+class UnwritableOutput(PrepareError):
+    """The output directory's file system is out of space or refuses the write; says so, naming the directory."""
+
+    def __init__(self, out: Path, problem: str, reason: str):
+        self.problem, self.reason = problem, reason
+        if problem == OUT_OF_SPACE:
+            message = f"its file system is out of space ({reason}); free some space there or choose another --out"
+        else:
+            message = f"{reason}; choose a writable --out"
+        super().__init__(f"cannot write --out '{out}': {message}; nothing was written")
+
+
+class DataError(NanotrainError):
+    """A dataset problem, described in one line that says how to fix it."""
+
+
+class CheckpointError(NanotrainError):
+    """A checkpoint that cannot be used, described in one line naming the file or the difference."""
+
+
+class RunDirectoryError(NanotrainError):
+    """A run directory that this job cannot use: unwritable, in use, or holding another run."""
+
+
+class DivergenceError(NanotrainError):
+    """The run is diverging; the message names the step and the checkpoint to resume from."""
+
+
+class EvaluationError(NanotrainError):
+    """Evaluation input that does not fit together, in one line."""
+
+
+class GenerationError(NanotrainError):
+    """Bad generation input (prompt, length, sampling setting), in one line."""
+
+
+class ExportError(NanotrainError):
+    """An export or import that cannot be done, in one line that says why."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception as one short line: the first line of its message, or its type if it has none."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 class ArgumentParser(argparse.ArgumentParser):

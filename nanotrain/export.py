@@ -34,10 +34,9 @@ from safetensors import safe_open
 
 from nanotrain.checkpoint.manifest import tokenizer_file, write_safetensors
 from nanotrain.config import Config, ConfigError, validate
-from nanotrain.errors import ArgumentParser, exit_on_error
+from nanotrain.errors import ArgumentParser, ExportError, exit_on_error
 from nanotrain.files import atomic_directory
 from nanotrain.hf.llama import (
-    ExportError,
     check_llama_features,
     hf_config,
     hf_llama_name,
@@ -57,7 +56,7 @@ def tokenizer_files(tokenizer, max_len: int) -> dict[str, dict | bytes]:
     pre-tokenizer in front, which encodes text that starts with a space differently.)
     `split_special_tokens`: text that spells "<s>" is encoded as text, as nanotrain does.
     """
-    from nanotrain.data.hf_tokenizer import HuggingFaceTokenizer
+    from nanotrain.data.tokenizer import HuggingFaceTokenizer
 
     special = {"bos_token": tokenizer.token(tokenizer.bos_id), "eos_token": tokenizer.token(tokenizer.eos_id),
                "unk_token": tokenizer.token(tokenizer.unk_id),

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanotrain.errors import ArgumentParser, exit_on_error
-from nanotrain.inference.sampling import GenerationError, check_device, check_sampling, complete
+from nanotrain.errors import ArgumentParser, GenerationError, exit_on_error
+from nanotrain.inference.sampling import check_device, check_sampling, complete
 
 
 # ---- command line ----------------------------------------------------------------------------

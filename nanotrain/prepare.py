@@ -47,8 +47,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nanotrain.data.dataset_format import DEFAULT_VAL_FRACTION, PrepareError, log, write_dataset
-from nanotrain.errors import ArgumentParser, exit_on_error
+from nanotrain.data.dataset_format import DEFAULT_VAL_FRACTION, log, write_dataset
+from nanotrain.errors import ArgumentParser, PrepareError, exit_on_error
 from nanotrain.files import sha256_file
 
 DEFAULT_DELIMITER = "<|endoftext|>"

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from nanotrain.config import DEFAULT_PRESET, PRESET_DIR, toml_value, describe_keys, load_config, preset_names
+from nanotrain.data.dataset_format import dataset_vocab_size
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.parallel import distributed
 from nanotrain.training.trainer import train
@@ -80,7 +81,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, dataset_vocab_size)
     if args.help_config:
         print(describe_keys(cfg))
     elif args.print_config:

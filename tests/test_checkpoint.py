@@ -25,11 +25,11 @@ from safetensors.torch import load_file
 
 from nanotrain import build_model, load_config
 from nanotrain.checkpoint import checkpointer as checkpoint
-from nanotrain.checkpoint.checkpointer import Checkpointer, CheckpointError, verify
+from nanotrain.checkpoint.checkpointer import Checkpointer, verify
 from nanotrain.checkpoint.inference import load_inference, save_inference
 from nanotrain.checkpoint.safe_loading import read_dcp_metadata
 from nanotrain.checkpoint.state import RandomState, TrainState, seed_everything
-from nanotrain.errors import NanotrainError
+from nanotrain.errors import CheckpointError, NanotrainError
 from nanotrain.files import temp_directory
 from nanotrain.parallel import distributed
 from nanotrain.parallel.dims import ParallelDims

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from nanotrain.config import ConfigError, DataConfig, load_config
-from nanotrain.data.dataset_format import PrepareError, TokenSplit, open_meta, open_tokenizer, write_dataset
-from nanotrain.data.loader import DataError, MicroBatchSampler, build_data, unigram_entropy
+from nanotrain.data.dataset_format import TokenSplit, dataset_vocab_size, open_meta, open_tokenizer, write_dataset
+from nanotrain.data.loader import MicroBatchSampler, build_data, unigram_entropy
 from nanotrain.data.loader import evaluation_batches
 from nanotrain.data.sources import SOURCES, StoriesSource, TokensSource
 from nanotrain.data.stories import generate_stories
+from nanotrain.errors import DataError, PrepareError
 
 T = 32
 
@@ -29,7 +30,8 @@ def dataset(tmp_path_factory):
 
 
 def config(dataset, *overrides):
-    return load_config(None, [f"--data.path={dataset}", f"--train.seq_len={T}", "--train.eval_steps=3", *overrides])
+    return load_config(None, [f"--data.path={dataset}", f"--train.seq_len={T}", "--train.eval_steps=3", *overrides],
+                       dataset_vocab_size)
 
 
 def rows(batches):
@@ -186,12 +188,14 @@ def test_unigram_entropy_matches_a_hand_computation(dataset):
 
 
 def test_data_path_alone_means_the_dataset_and_its_vocabulary(dataset, tmp_path):
-    cfg = load_config(None, [f"--data.path={dataset}"])
+    cfg = load_config(None, [f"--data.path={dataset}"], dataset_vocab_size)
     assert cfg.data.source == "tokens" and cfg.model.vocab_size == 400
     saved = tmp_path / "config.toml"
     saved.write_text(cfg.to_toml())
     assert load_config(str(saved)) == cfg  # the resolved values are what is saved
-    assert load_config(None, [f"--data.path={dataset}", "--data.source=tokens"]) == cfg
+    assert load_config(None, [f"--data.path={dataset}", "--data.source=tokens"], dataset_vocab_size) == cfg
+    with pytest.raises(ConfigError, match="set --model.vocab_size to the dataset's vocabulary"):
+        load_config(None, [f"--data.path={dataset}"])  # a caller that reads no dataset (config is a foundation)
     assert load_config(None, ["--data.stories_vocab_size=512"]).model.vocab_size == 512  # the built-in corpus's
     for source in ("stories", "random"):
         with pytest.raises(ConfigError, match=re.escape(
@@ -226,10 +230,10 @@ def test_a_run_on_data_path_alone_saves_and_resumes_its_resolved_config(dataset,
             "--train.eval_every=0", "--train.eval_steps=1", "--train.sample_tokens=0", "--train.log_every=1",
             "--optim.warmup_steps=1", "--checkpoint.interval=2", "--checkpoint.on_preempt=false",
             "--train.peak_tflops=1"]
-    first = train(load_config(None, tiny + ["--train.max_steps=2"]))
+    first = train(load_config(None, tiny + ["--train.max_steps=2"], dataset_vocab_size))
     assert first.model.tok_embeddings.num_embeddings == 400
     again = load_config(str(run / "config.toml"), ["--train.max_steps=3"])
-    assert again == load_config(None, tiny + ["--train.max_steps=3"])
+    assert again == load_config(None, tiny + ["--train.max_steps=3"], dataset_vocab_size)
     assert set(train(again).losses) == {3}  # resumed from the step-2 checkpoint
 
 

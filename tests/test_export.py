@@ -9,8 +9,8 @@ import torch
 
 from nanotrain.checkpoint.inference import load_inference, save_inference
 from nanotrain.config import load_config
+from nanotrain.errors import CheckpointError, ExportError
 from nanotrain.export import export_hf, import_hf, main
-from nanotrain.hf.llama import ExportError
 from nanotrain.model.transformer import build_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -190,7 +190,7 @@ def test_imported_checkpoint_trains_and_generates(tmp_path, tokenizer_path, caps
 
 
 def test_init_from_refuses_a_different_model_shape(tmp_path, tokenizer_path):
-    from nanotrain.checkpoint.checkpointer import CheckpointError, load_pretrained
+    from nanotrain.checkpoint.checkpointer import load_pretrained
 
     ckpt, _ = make_checkpoint(tmp_path / "ckpt", tokenizer_path)
     cfg = load_config(str(ckpt / "config.toml"), ["--model.n_layers=3"])

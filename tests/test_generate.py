@@ -9,9 +9,10 @@ from safetensors.torch import load_file, save_file
 
 from nanotrain.checkpoint.inference import save_inference
 from nanotrain.config import ModelConfig, load_config
+from nanotrain.errors import GenerationError
 from nanotrain.files import sha256_file
 from nanotrain.generate import main
-from nanotrain.inference.sampling import (GenerationError, encode_prompt, filter_logits, generate, sample_completions,
+from nanotrain.inference.sampling import (encode_prompt, filter_logits, generate, sample_completions,
                                 sample_next)
 from nanotrain.model.transformer import build_model
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nanotrain.config import ModelConfig
-from nanotrain.hf.llama import ExportError, check_llama_features, hf_llama_config, hf_llama_name, model_config_from_hf
+from nanotrain.errors import ExportError
+from nanotrain.hf.llama import check_llama_features, hf_llama_config, hf_llama_name, model_config_from_hf
 from nanotrain.model.transformer import build_model
 
 transformers = pytest.importorskip("transformers")

@@ -7,9 +7,8 @@ import typing
 import pytest
 import torch
 
-from nanotrain.config import ModelConfig, load_config, preset_names
+from nanotrain.config import FEATURES, Flavour, FlavourFeatures, ModelConfig, load_config, preset_names
 from nanotrain.hf.llama import hf_llama_name, nanotrain_name_from_hf
-from nanotrain.model.flavours import FEATURES, Flavour, FlavourFeatures
 from nanotrain.model.transformer import build_model, flops_per_token, num_parameters, parameter_report
 
 FLAVOURS = ["gpt", "llama"]

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from nanotrain.data import dataset_format
-from nanotrain.data.dataset_format import PrepareError, token_dtype
+from nanotrain.data.dataset_format import token_dtype
 from nanotrain.data.stories import generate_stories
 from nanotrain.data.tokenizer import SentencePieceTokenizer, Tokenizer
+from nanotrain.errors import PrepareError
 from nanotrain.prepare import main, prepare
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from nanotrain.checkpoint import checkpointer as checkpoint
-from nanotrain.checkpoint.checkpointer import CheckpointError, verify
+from nanotrain.checkpoint.checkpointer import verify
 from nanotrain.config import load_config
-from nanotrain.reporting.run_directory import RunDirectoryError, locked
+from nanotrain.errors import CheckpointError, RunDirectoryError
+from nanotrain.reporting.run_directory import locked
 from nanotrain.train import main
 from test_checkpoint import REPO, SUBPROCESS_TIMEOUT, args_for, run_cli, run_here, subprocess_env
 

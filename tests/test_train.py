@@ -12,11 +12,12 @@ from nanotrain.checkpoint.checkpointer import list_checkpoints
 from nanotrain.config import TrainConfig, load_config
 from nanotrain.data.loader import unigram_entropy
 from nanotrain.data.stories import prepare_stories
+from nanotrain.errors import DivergenceError
 from nanotrain.model.transformer import build_model
 from nanotrain.parallel import distributed, precision
 from nanotrain.reporting.run_log import read_metrics
 from nanotrain.training import trainer as trainer_module
-from nanotrain.training.divergence import DivergenceError, DivergenceGuard
+from nanotrain.training.divergence import DivergenceGuard
 from nanotrain.training.trainer import train
 
 TINY = [

@@ -45,8 +45,8 @@ import torch
 import torch.distributed as dist
 
 from nanotrain.checkpoint.manifest import (
-    CONFIG, FORMAT_VERSION, MANIFEST, TRAIN_STATE_DIR, TRAINER_STATE, WEIGHTS, CheckpointError,
-    checkpoint_root, first_line, list_checkpoints, read_trainer_state, read_weights, require_directory,
+    CONFIG, FORMAT_VERSION, MANIFEST, TRAIN_STATE_DIR, TRAINER_STATE, WEIGHTS, checkpoint_root,
+    list_checkpoints, read_trainer_state, read_weights, require_directory,
     step_dir_name, verify, write_bytes, write_manifest, write_text, write_weights,
 )
 from nanotrain.checkpoint.safe_loading import (
@@ -54,7 +54,7 @@ from nanotrain.checkpoint.safe_loading import (
 )
 from nanotrain.checkpoint.state import RandomState, TrainState
 from nanotrain.config import Config, load_config
-from nanotrain.errors import NanotrainError
+from nanotrain.errors import CheckpointError, NanotrainError, first_line
 from nanotrain.files import fsync, publish, remove_stale_temporaries, temp_directory
 from nanotrain.parallel import distributed
 from nanotrain.parallel.dims import ParallelDims

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 
 from nanotrain.checkpoint.manifest import (
-    CONFIG, MANIFEST, WEIGHTS, CheckpointError, newest_checkpoint, read_weights, tokenizer_file, verify, write_bytes,
+    CONFIG, MANIFEST, WEIGHTS, newest_checkpoint, read_weights, tokenizer_file, verify, write_bytes,
     write_manifest, write_text, write_weights,
 )
 from nanotrain.config import Config, ConfigError, load_config
+from nanotrain.errors import CheckpointError
 from nanotrain.files import atomic_directory
 
 

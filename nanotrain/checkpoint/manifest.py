@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanotrain.config import Config
-from nanotrain.errors import NanotrainError
+from nanotrain.errors import CheckpointError, first_line
 from nanotrain.files import sha256_file
 
 FORMAT_VERSION = 1
@@ -31,16 +31,6 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # each Tokenizer implem
 TRAINER_STATE = "trainer_state.json"
 TRAIN_STATE_DIR = "train_state"
 TIED_HEAD = "lm_head.weight"  # stored once, as the embedding table, when model.tie_embeddings
-
-
-class CheckpointError(NanotrainError):
-    """A checkpoint that cannot be used, described in one line naming the file or the difference."""
-
-
-def first_line(error: BaseException) -> str:
-    """An exception as one short line: the first line of its message, or its type if it has none."""
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:200]
 
 
 # ---- writing ------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path, PosixPath
 
 import torch
 
-from nanotrain.checkpoint.manifest import CheckpointError, first_line
+from nanotrain.errors import CheckpointError, first_line
 
 
 # torch's restricted unpickler warns about a pickle protocol it did not write, just before it refuses the file.

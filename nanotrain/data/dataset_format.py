@@ -43,8 +43,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from nanotrain.data.tokenizer import Tokenizer, TokenizerError
-from nanotrain.errors import NanotrainError
-from nanotrain.files import OUT_OF_SPACE, atomic_directory, destination_problem
+from nanotrain.errors import DataError, PrepareError, UnwritableOutput
+from nanotrain.files import atomic_directory, destination_problem
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -54,26 +54,6 @@ BOS_TEXT_EOS, TEXT_EOS = "BOS text EOS", "text EOS"  # how a document's ids are 
 LAYOUTS = (BOS_TEXT_EOS, TEXT_EOS)
 TOKENIZER_TRAINING_BYTES = 512 * 2**20  # the tokenizer sees at most the first 512 MiB of text
 ENCODE_BATCH_BYTES = 8 * 2**20  # text handed to the encoder threads at a time
-
-
-class PrepareError(NanotrainError):
-    """A problem with the inputs or options of preparing a dataset, in one line that says how to fix it."""
-
-
-class UnwritableOutput(PrepareError):
-    """The output directory's file system is out of space or refuses the write; says so, naming the directory."""
-
-    def __init__(self, out: Path, problem: str, reason: str):
-        self.problem, self.reason = problem, reason
-        if problem == OUT_OF_SPACE:
-            message = f"its file system is out of space ({reason}); free some space there or choose another --out"
-        else:
-            message = f"{reason}; choose a writable --out"
-        super().__init__(f"cannot write --out '{out}': {message}; nothing was written")
-
-
-class DataError(NanotrainError):
-    """A dataset problem, described in one line that says how to fix it."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

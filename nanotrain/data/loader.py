@@ -47,9 +47,10 @@ import numpy as np
 import torch
 
 from nanotrain.config import Config
-from nanotrain.data.dataset_format import DataError, TokenSplit, open_meta
+from nanotrain.data.dataset_format import TokenSplit, open_meta
 from nanotrain.data.sources import DataSource, collate, open_source
 from nanotrain.data.tokenizer import Tokenizer
+from nanotrain.errors import DataError
 from nanotrain.model.loss import IGNORE_INDEX
 
 

@@ -20,7 +20,8 @@ import os
 import random
 from pathlib import Path
 
-from nanotrain.data.dataset_format import PrepareError, UnwritableOutput, log, nearest_existing, read_meta, write_dataset
+from nanotrain.data.dataset_format import log, nearest_existing, read_meta, write_dataset
+from nanotrain.errors import PrepareError, UnwritableOutput
 
 GENERATOR_VERSION = 1
 

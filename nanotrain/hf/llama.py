@@ -2,7 +2,7 @@
 
 The one place that knows how nanotrain's llama flavour is spelt in transformers'
 `LlamaForCausalLM`: the export and import of nanotrain.export, nanotrain.bench's reference model
-and the parity tests all translate through it. Only the llama flavour's features (model/flavours.py)
+and the parity tests all translate through it. Only the llama flavour's features (config.py's FEATURES)
 have an HF counterpart; the weights need no permutation because nanotrain's RoPE already uses
 HF's rotate-halves layout.
 """
@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import re
 
-from nanotrain.config import ModelConfig
-from nanotrain.errors import NanotrainError
-from nanotrain.model.flavours import FEATURES
-
-
-class ExportError(NanotrainError):
-    """An export or import that cannot be done, in one line that says why."""
+from nanotrain.config import FEATURES, ModelConfig
+from nanotrain.errors import ExportError
 
 
 SILU_NAMES = ("silu", "swish")  # transformers' two names for x * sigmoid(x), the activation of SwiGLU

@@ -21,19 +21,14 @@ from pathlib import Path
 import torch
 
 from nanotrain.config import ConfigError, validate
-from nanotrain.data.dataset_format import DataError
 from nanotrain.data.loader import evaluation_batches, to_device
 from nanotrain.data.sources import TokensSource
-from nanotrain.errors import NanotrainError
+from nanotrain.errors import DataError, EvaluationError
 from nanotrain.model.loss import count_valid_tokens
 from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.distributed import all_reduce_sum
 from nanotrain.parallel.precision import Precision
 from nanotrain.reporting.run_log import perplexity
-
-
-class EvaluationError(NanotrainError):
-    """Evaluation input that does not fit together, in one line."""
 
 
 @dataclass

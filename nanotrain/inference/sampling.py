@@ -26,12 +26,8 @@ from contextlib import nullcontext
 
 import torch
 
-from nanotrain.errors import NanotrainError
+from nanotrain.errors import GenerationError
 from nanotrain.model.transformer import KVCache
-
-
-class GenerationError(NanotrainError):
-    """Bad generation input (prompt, length, sampling setting), in one line."""
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""One decoder-only Transformer, built from the features of `model.flavour` (model/flavours.py).
+"""One decoder-only Transformer, built from the features of `model.flavour` (`FEATURES` in config.py).
 
 - `gpt`:   learned position embeddings, LayerNorm, GELU MLP, biases, dropout (the mini-GPT).
 - `llama`: RoPE (HF's rotate-halves layout), RMSNorm computed in fp32, SwiGLU MLP,

@@ -28,19 +28,14 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from nanotrain.checkpoint.manifest import checkpoint_root, list_checkpoints
+from nanotrain.checkpoint.manifest import CONFIG, checkpoint_root, list_checkpoints
 from nanotrain.config import Config
-from nanotrain.errors import NanotrainError
+from nanotrain.errors import RunDirectoryError
 from nanotrain.files import replace_file
 from nanotrain.parallel.distributed import restart_attempt
 from nanotrain.reporting.run_log import METRICS_FILE
 
 LOCK = ".lock"
-CONFIG = "config.toml"
-
-
-class RunDirectoryError(NanotrainError):
-    """A run directory that this job cannot use: unwritable, in use, or holding another run."""
 
 
 def claim(cfg: Config, cleanup: ExitStack, log: Callable[[str], None] = print) -> None:

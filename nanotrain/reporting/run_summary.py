@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanotrain.checkpoint.manifest import checkpoint_root
+from nanotrain.checkpoint.manifest import CONFIG, checkpoint_root
 from nanotrain.config import Config
 from nanotrain.data.loader import Data
 from nanotrain.model.transformer import num_parameters
 from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.precision import Precision
-from nanotrain.reporting.dashboards import describe_dashboards
-from nanotrain.reporting.run_directory import CONFIG
-from nanotrain.reporting.run_log import METRICS_FILE, format_epochs
+from nanotrain.reporting.run_log import METRICS_FILE, describe_dashboards, format_epochs
 
 SOURCE_NAMES = {"stories": "built-in story corpus", "tokens": "prepared dataset", "random": "random tokens"}
 

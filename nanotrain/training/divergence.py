@@ -20,16 +20,12 @@ from pathlib import Path
 
 from nanotrain.checkpoint.manifest import list_checkpoints
 from nanotrain.config import TrainConfig
-from nanotrain.errors import NanotrainError
+from nanotrain.errors import DivergenceError
 
 # The running mean covers about the last 20 healthy steps: long enough that a model blowing up over
 # a few steps is still compared with its healthy past. During the early fast drop it lags above the
 # loss, which only makes the check more lenient there.
 MEAN_SMOOTHING = 1 / 20
-
-
-class DivergenceError(NanotrainError):
-    """The run is diverging; the message names the step and the checkpoint to resume from."""
 
 
 class DivergenceGuard:

@@ -39,9 +39,9 @@ from nanotrain.model.transformer import build_model
 from nanotrain.parallel import distributed
 from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.precision import Precision
-from nanotrain.reporting import dashboards, run_directory
+from nanotrain.reporting import run_directory
 from nanotrain.reporting.metrics import SpeedMeter
-from nanotrain.reporting.run_log import RunLog
+from nanotrain.reporting.run_log import RunLog, check_dashboards_installed, check_dashboards_writable
 from nanotrain.reporting.run_summary import epochs, run_summary
 from nanotrain.training.divergence import DivergenceGuard
 from nanotrain.training.optim import Schedule, build_optimizer, schedule_change, set_lr
@@ -76,11 +76,11 @@ def _train(cfg: Config, dims: ParallelDims, cleanup: ExitStack) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = t.tf32
         torch.backends.cudnn.allow_tf32 = t.tf32
     # Every rank, before anything is written: a dashboard turned on but not installed stops all ranks at once.
-    dashboards.check_installed(cfg)
+    check_dashboards_installed(cfg)
     run_dir = Path(t.out_dir)
     if dims.is_main:  # before anything is written: lock the run's directories, refuse to start over a run
         run_directory.claim(cfg, cleanup, log)
-        dashboards.check_writable(cfg)  # a dashboard directory that is a file or read-only, before config.toml
+        check_dashboards_writable(cfg)  # a dashboard directory that is a file or read-only, before config.toml
 
     data = build_data(cfg, dims.dp_rank, dims.dp_size)
     for note in data.notes:
