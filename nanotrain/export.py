@@ -33,8 +33,8 @@ import torch
 from safetensors import safe_open
 
 from nanotrain.checkpoint.manifest import tokenizer_file, write_safetensors
-from nanotrain.config import Config, ConfigError, validate
-from nanotrain.errors import ArgumentParser, ExportError, exit_on_error
+from nanotrain.config import Config, validate
+from nanotrain.errors import ArgumentParser, ConfigError, ExportError, TokenizerError, exit_on_error
 from nanotrain.files import atomic_directory
 from nanotrain.hf.llama import (
     check_llama_features,
@@ -242,7 +242,7 @@ def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     """Write the HF Llama directory `hf_dir` as a nanotrain checkpoint directory `out`."""
     from nanotrain.checkpoint.inference import save_inference
-    from nanotrain.data.tokenizer import Tokenizer, TokenizerError
+    from nanotrain.data.tokenizer import Tokenizer
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():

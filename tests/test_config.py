@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from nanotrain.config import Config, ConfigError, all_keys, default_out_dir, describe_keys, load_config, preset_names
+from nanotrain.config import Config, all_keys, default_out_dir, describe_keys, load_config, preset_names
+from nanotrain.errors import ConfigError
 from nanotrain.train import main
 
 

@@ -6,8 +6,8 @@ import typing
 
 import pytest
 
-from nanotrain.config import CHOICES, Config, ConfigError, describe_keys, load_config
-from nanotrain.errors import UsageError
+from nanotrain.config import CHOICES, Config, describe_keys, load_config
+from nanotrain.errors import ConfigError, UsageError
 
 
 def literal_keys() -> dict[str, tuple[str, ...]]:

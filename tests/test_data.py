@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from nanotrain.config import ConfigError, DataConfig, load_config
+from nanotrain.config import DataConfig, load_config
 from nanotrain.data.dataset_format import TokenSplit, dataset_vocab_size, open_meta, open_tokenizer, write_dataset
 from nanotrain.data.loader import MicroBatchSampler, build_data, unigram_entropy
 from nanotrain.data.loader import evaluation_batches
 from nanotrain.data.sources import SOURCES, StoriesSource, TokensSource
 from nanotrain.data.stories import generate_stories
-from nanotrain.errors import DataError, PrepareError
+from nanotrain.errors import ConfigError, DataError, PrepareError
 
 T = 32
 

@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanotrain.config import ConfigError, load_config
+from nanotrain.config import load_config
 from nanotrain.data.loader import build_data
+from nanotrain.errors import ConfigError
 from nanotrain.model.loss import count_valid_tokens, next_token_loss
 from nanotrain.model.transformer import build_model
 from nanotrain.parallel.distributed import init, resolve_strategy

@@ -10,7 +10,8 @@ from nanotrain.config import load_config
 from nanotrain.data.dataset_format import dataset_vocab_size
 from nanotrain.data.sources import TokensSource
 from nanotrain.data.stories import generate_stories
-from nanotrain.data.tokenizer import HuggingFaceTokenizer, Tokenizer, TokenizerError
+from nanotrain.data.tokenizer import HuggingFaceTokenizer, Tokenizer
+from nanotrain.errors import TokenizerError
 from nanotrain.export import export_hf, import_hf
 from nanotrain.prepare import main as prepare_main, prepare
 from nanotrain.training.trainer import train

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from nanotrain.config import Config, ConfigError, OptimConfig, load_config
+from nanotrain.config import Config, OptimConfig, load_config
+from nanotrain.errors import ConfigError
 from nanotrain.training.optim import Schedule, build_optimizer, parameter_groups, schedule_change
 
 

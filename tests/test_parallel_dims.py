@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanotrain.config import ConfigError, load_config
+from nanotrain.config import load_config
+from nanotrain.errors import ConfigError
 from nanotrain.model.transformer import build_model
 from nanotrain.parallel import distributed
 from nanotrain.parallel.dims import ParallelDims

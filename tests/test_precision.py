@@ -9,7 +9,8 @@ import torch
 
 import nanotrain.parallel.precision as precision_module
 import nanotrain.training.trainer as trainer_module
-from nanotrain.config import ConfigError, load_config
+from nanotrain.config import load_config
+from nanotrain.errors import ConfigError
 from nanotrain.model.transformer import build_model
 from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.distributed import parallelize

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanotrain.config import ConfigError, load_config
+from nanotrain.config import load_config
+from nanotrain.errors import ConfigError
 from nanotrain.inference.evaluation import evaluate_checkpoint
 from nanotrain.model.transformer import build_model
 from nanotrain.parallel.dims import ParallelDims

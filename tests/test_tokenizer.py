@@ -6,7 +6,8 @@ import pytest
 import sentencepiece as spm
 
 from nanotrain.data.stories import generate_stories
-from nanotrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, SentencePieceTokenizer, Tokenizer, TokenizerError
+from nanotrain.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, SentencePieceTokenizer, Tokenizer
+from nanotrain.errors import TokenizerError
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from nanotrain.checkpoint.manifest import (
     CONFIG, MANIFEST, WEIGHTS, newest_checkpoint, read_weights, tokenizer_file, verify, write_bytes,
     write_manifest, write_text, write_weights,
 )
-from nanotrain.config import Config, ConfigError, load_config
-from nanotrain.errors import CheckpointError
+from nanotrain.config import Config, load_config
+from nanotrain.errors import CheckpointError, ConfigError, TokenizerError
 from nanotrain.files import atomic_directory
 
 
@@ -28,7 +28,7 @@ def save_inference(path: str | Path, model_state_dict: dict, cfg: Config, tokeni
     `model_state_dict` has clean nanotrain names; `path` must not exist yet. The tokenizer file
     (sentencepiece .model or tokenizer.json) is stored unchanged under its kind's name.
     """
-    from nanotrain.data.tokenizer import Tokenizer, TokenizerError
+    from nanotrain.data.tokenizer import Tokenizer
 
     path = Path(path)
     if path.exists():
@@ -69,7 +69,7 @@ def load_inference(path: str | Path, device: str | torch.device = "cpu"):
     The manifest's hashes are verified first; the model is built with `build_model` and the
     weights loaded strictly (a tied head is re-tied to the embedding table).
     """
-    from nanotrain.data.tokenizer import Tokenizer, TokenizerError
+    from nanotrain.data.tokenizer import Tokenizer
     from nanotrain.model.transformer import build_model
 
     path = Path(path)

@@ -42,8 +42,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from nanotrain.data.tokenizer import Tokenizer, TokenizerError
-from nanotrain.errors import DataError, PrepareError, UnwritableOutput
+from nanotrain.data.tokenizer import Tokenizer
+from nanotrain.errors import DataError, PrepareError, TokenizerError, UnwritableOutput
 from nanotrain.files import atomic_directory, destination_problem
 
 FORMAT_VERSION = 1

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from nanotrain.config import ConfigError, validate
+from nanotrain.config import validate
 from nanotrain.data.loader import evaluation_batches, to_device
 from nanotrain.data.sources import TokensSource
-from nanotrain.errors import DataError, EvaluationError
+from nanotrain.errors import ConfigError, DataError, EvaluationError
 from nanotrain.model.loss import count_valid_tokens
 from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.distributed import all_reduce_sum

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from nanotrain.config import ConfigError
+from nanotrain.errors import ConfigError
 
 
 @dataclass

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from nanotrain.config import Config, ConfigError
+from nanotrain.config import Config
+from nanotrain.errors import ConfigError
 from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.precision import Precision
 

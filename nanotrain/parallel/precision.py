@@ -13,7 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
-from nanotrain.config import ConfigError
+from nanotrain.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp16 is for GPUs without bf16. torch runs fp16 autocast on CPU too, but it is slow there and bf16
