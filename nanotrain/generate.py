@@ -16,7 +16,6 @@ import sys
 from nanotrain.errors import ArgumentParser, GenerationError, exit_on_error
 from nanotrain.inference.sampling import check_device, check_sampling, complete
 
-
 # ---- command line ----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
-    from nanotrain.checkpoint.inference import find_checkpoint, load_inference  # lazily: `--help` needs no checkpoint code
+    # lazily: `--help` needs no checkpoint code
+    from nanotrain.checkpoint.inference import find_checkpoint, load_inference
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     prompts = getattr(args, "prompt", [""])

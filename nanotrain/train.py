@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanotrain.config import DEFAULT_PRESET, PRESET_DIR, toml_value, describe_keys, load_config, preset_names
+from nanotrain.config import DEFAULT_PRESET, PRESET_DIR, describe_keys, load_config, preset_names, toml_value
 from nanotrain.data.dataset_format import dataset_vocab_size
 from nanotrain.errors import ArgumentParser, NanotrainError, exit_on_error
 from nanotrain.parallel import distributed

@@ -12,8 +12,15 @@ import pytest
 
 from nanotrain import train as train_cli
 from nanotrain.config import describe_keys, load_config
-from nanotrain.reporting.run_log import (TENSORBOARD_DIR, WANDB_DIR, WANDB_RUN_ID_FILE, TensorBoardSink, read_metrics,
-                                         samples_text, scalars)
+from nanotrain.reporting.run_log import (
+    TENSORBOARD_DIR,
+    WANDB_DIR,
+    WANDB_RUN_ID_FILE,
+    TensorBoardSink,
+    read_metrics,
+    samples_text,
+    scalars,
+)
 from nanotrain.training.trainer import train
 
 TINY = [

@@ -11,8 +11,7 @@ import torch
 
 from nanotrain.config import DataConfig, load_config
 from nanotrain.data.dataset_format import TokenSplit, dataset_vocab_size, open_meta, open_tokenizer, write_dataset
-from nanotrain.data.loader import MicroBatchSampler, build_data, unigram_entropy
-from nanotrain.data.loader import evaluation_batches
+from nanotrain.data.loader import MicroBatchSampler, build_data, evaluation_batches, unigram_entropy
 from nanotrain.data.sources import SOURCES, StoriesSource, TokensSource
 from nanotrain.data.stories import generate_stories
 from nanotrain.errors import ConfigError, DataError, PrepareError

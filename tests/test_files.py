@@ -5,8 +5,14 @@ import sys
 
 import pytest
 
-from nanotrain.files import (atomic_directory, process_is_alive, publish, remove_stale_temporaries, sha256_file,
-                             temp_directory)
+from nanotrain.files import (
+    atomic_directory,
+    process_is_alive,
+    publish,
+    remove_stale_temporaries,
+    sha256_file,
+    temp_directory,
+)
 
 
 def test_sha256_file_matches_hashlib_across_blocks(tmp_path):

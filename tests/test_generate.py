@@ -12,8 +12,7 @@ from nanotrain.config import ModelConfig, load_config
 from nanotrain.errors import GenerationError
 from nanotrain.files import sha256_file
 from nanotrain.generate import main
-from nanotrain.inference.sampling import (encode_prompt, filter_logits, generate, sample_completions,
-                                sample_next)
+from nanotrain.inference.sampling import encode_prompt, filter_logits, generate, sample_completions, sample_next
 from nanotrain.model.transformer import build_model
 
 PROMPTS = [[5, 17, 3, 9, 30, 2, 11], [7, 8], [40, 1, 1, 22]]

@@ -10,7 +10,16 @@ from nanotrain.data.loader import build_data
 from nanotrain.errors import NanotrainError
 from nanotrain.parallel.dims import ParallelDims
 from nanotrain.reporting import run_log
-from nanotrain.reporting.run_log import ConsoleSink, JsonlSink, RunLog, Sink, format_epochs, format_eval, format_step, read_metrics
+from nanotrain.reporting.run_log import (
+    ConsoleSink,
+    JsonlSink,
+    RunLog,
+    Sink,
+    format_epochs,
+    format_eval,
+    format_step,
+    read_metrics,
+)
 from nanotrain.training.trainer import train
 
 TINY = [

@@ -36,7 +36,14 @@ from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.tensor_parallel import vocabulary_starts
 from nanotrain.training.trainer import train
 from test_distributed import (
-    REPO, STEPS, TOLERANCE, WORKER, layout_overrides, max_loss_difference, relative_difference, worker_env,
+    REPO,
+    STEPS,
+    TOLERANCE,
+    WORKER,
+    layout_overrides,
+    max_loss_difference,
+    relative_difference,
+    worker_env,
 )
 
 TP = ["--parallel.tp=2", "--checkpoint.interval=3"]

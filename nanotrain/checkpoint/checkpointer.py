@@ -45,12 +45,31 @@ import torch
 import torch.distributed as dist
 
 from nanotrain.checkpoint.manifest import (
-    CONFIG, FORMAT_VERSION, MANIFEST, TRAIN_STATE_DIR, TRAINER_STATE, WEIGHTS, checkpoint_root,
-    list_checkpoints, read_trainer_state, read_weights, require_directory,
-    step_dir_name, verify, write_bytes, write_manifest, write_text, write_weights,
+    CONFIG,
+    FORMAT_VERSION,
+    MANIFEST,
+    TRAIN_STATE_DIR,
+    TRAINER_STATE,
+    WEIGHTS,
+    checkpoint_root,
+    list_checkpoints,
+    read_trainer_state,
+    read_weights,
+    require_directory,
+    step_dir_name,
+    verify,
+    write_bytes,
+    write_manifest,
+    write_text,
+    write_weights,
 )
 from nanotrain.checkpoint.safe_loading import (
-    PROTOCOL_WARNING, dcp_failure, dcp_planner, dcp_reader, torch_load, unsafe_pickle,
+    PROTOCOL_WARNING,
+    dcp_failure,
+    dcp_planner,
+    dcp_reader,
+    torch_load,
+    unsafe_pickle,
 )
 from nanotrain.checkpoint.state import RandomState, TrainState
 from nanotrain.config import Config, load_config
@@ -227,8 +246,8 @@ class Checkpointer:
         on every rank together, each rank's own file is followed by a shared verdict, and what
         rank 0 alone writes is decided on rank 0. None waits in a collective for a stopped rank.
         """
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         dims, step = self.dims, self.train_state.step
         final = self.root / step_dir_name(step)
@@ -429,9 +448,13 @@ class Checkpointer:
                 self.log(f"resume: {key} changed from {saved.get(key)!r} to {now[key]!r}")
 
     def _load_train_state(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict)
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         model_state = get_model_state_dict(self.model)
         optim = get_optimizer_state_dict(self.model, self.optimizer)  # templates in this run's layout

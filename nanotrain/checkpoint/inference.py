@@ -14,8 +14,17 @@ from pathlib import Path
 import torch
 
 from nanotrain.checkpoint.manifest import (
-    CONFIG, MANIFEST, WEIGHTS, newest_checkpoint, read_weights, tokenizer_file, verify, write_bytes,
-    write_manifest, write_text, write_weights,
+    CONFIG,
+    MANIFEST,
+    WEIGHTS,
+    newest_checkpoint,
+    read_weights,
+    tokenizer_file,
+    verify,
+    write_bytes,
+    write_manifest,
+    write_text,
+    write_weights,
 )
 from nanotrain.config import Config, load_config
 from nanotrain.errors import CheckpointError, ConfigError, TokenizerError

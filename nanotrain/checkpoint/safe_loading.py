@@ -23,7 +23,6 @@ import torch
 
 from nanotrain.errors import CheckpointError, first_line
 
-
 # torch's restricted unpickler warns about a pickle protocol it did not write, just before it refuses the file.
 PROTOCOL_WARNING = "Detected pickle protocol"
 

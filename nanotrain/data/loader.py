@@ -53,7 +53,6 @@ from nanotrain.data.tokenizer import Tokenizer
 from nanotrain.errors import DataError
 from nanotrain.model.loss import IGNORE_INDEX
 
-
 # ----------------------------------------------------------------------------- the global order
 
 

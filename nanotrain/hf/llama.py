@@ -14,7 +14,6 @@ import re
 from nanotrain.config import FEATURES, ModelConfig
 from nanotrain.errors import ExportError
 
-
 SILU_NAMES = ("silu", "swish")  # transformers' two names for x * sigmoid(x), the activation of SwiGLU
 LLAMA_FEATURES = FEATURES["llama"]  # the architecture LlamaForCausalLM implements
 

@@ -27,7 +27,6 @@ import torch.distributed as dist
 
 from nanotrain.model.transformer import flops_per_token
 
-
 # Dense peak TFLOP/s from NVIDIA's data sheets (the "with sparsity" figures halved):
 # (bf16/fp16 tensor core, tf32 tensor core, fp32). A key matches a whole word of the device name
 # ("L4" is not "L40S", "H200" is not "GH200"); the first match wins, so the more specific names
