@@ -10,7 +10,8 @@ import torch
 from nanotrain.checkpoint.inference import load_inference, save_inference
 from nanotrain.config import load_config
 from nanotrain.errors import CheckpointError, ExportError
-from nanotrain.export import export_hf, import_hf, main
+from nanotrain.export import main
+from nanotrain.hf.convert import export_hf, import_hf
 from nanotrain.model.transformer import build_model
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -126,7 +127,7 @@ def test_exported_tokenizer_encodes_and_decodes_exactly_as_nanotrain(tmp_path, t
 def test_exported_tokenizer_matches_on_real_tinystories_text(tmp_path):
     transformers = pytest.importorskip("transformers")
     from nanotrain.data.tokenizer import Tokenizer
-    from nanotrain.export import tokenizer_files
+    from nanotrain.hf.tokenizer_json import tokenizer_files
 
     lines = (SHARED / "tinystories_v2_train_head_10k_lines.txt").read_text(encoding="utf-8").splitlines()
     ours = Tokenizer.train(lines[:4000], 2048)  # a real vocabulary: long pieces, many merges

@@ -12,8 +12,9 @@ from nanotrain.data.sources import TokensSource
 from nanotrain.data.stories import generate_stories
 from nanotrain.data.tokenizer import HuggingFaceTokenizer, Tokenizer
 from nanotrain.errors import TokenizerError
-from nanotrain.export import export_hf, import_hf
-from nanotrain.prepare import main as prepare_main, prepare
+from nanotrain.hf.convert import export_hf, import_hf
+from nanotrain.prepare import main as prepare_main
+from nanotrain.prepare import prepare
 from nanotrain.training.trainer import train
 from test_export import HARD_STRINGS
 
@@ -27,7 +28,7 @@ STYLES = ("gpt2", "llama3")
 
 def build_tokenizer_json(style: str, texts: list[str]) -> str:
     """A byte-level BPE tokenizer.json trained on `texts`, laid out as GPT-2's or Llama 3's."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style == "gpt2")
     tok = tokenizers.Tokenizer(models.BPE(ignore_merges=style == "llama3"))
