@@ -6,10 +6,11 @@ import re
 import pytest
 import torch
 
-from nanotrain import bench
-from nanotrain.bench import BENCH_SHAPES, main
+from nanotrain.bench import main
 from nanotrain.config import load_config
 from nanotrain.model.transformer import Transformer
+from nanotrain.training import throughput_benchmark
+from nanotrain.training.throughput_benchmark import BENCH_SHAPES
 
 TINY_MODEL = """
 [model]
@@ -43,13 +44,13 @@ def test_llama_against_hugging_face(tmp_path, capsys):
 
 
 def test_nanotrain_side_times_the_training_loops_train_step(tmp_path, capsys, monkeypatch):
-    real, outcomes = bench.train_step, []
+    real, outcomes = throughput_benchmark.train_step, []
 
     def recording_train_step(*args, **kwargs):
         outcomes.append(real(*args, **kwargs))
         return outcomes[-1]
 
-    monkeypatch.setattr(bench, "train_step", recording_train_step)
+    monkeypatch.setattr(throughput_benchmark, "train_step", recording_train_step)
     out = run_bench(tmp_path, capsys, "gpt", 0)
     assert len(outcomes) == 3 and all(o.applied and o.valid_tokens == 2 * 31 for o in outcomes)  # 1 step x 3 rounds
     assert f"first-step loss: nanotrain {outcomes[0].loss:.4f} |" in out, out

@@ -12,8 +12,12 @@ the llama flavour cannot express (rope scaling, biases, other activations) and w
 checkpoint directory that generate and evaluate read and that training starts from with
 `--train.init_from=CKPT`.
 
-Both write into a temporary directory renamed into place when complete, so an interrupted run never
-leaves an output that looks usable; bad input raises `ExportError` before anything is written.
+`hf_llama_with_weights_of` builds in memory the `LlamaForCausalLM` that holds a model's weights:
+nanotrain.bench's reference.
+
+Export and import write into a temporary directory renamed into place when complete, so an
+interrupted run never leaves an output that looks usable; bad input raises `ExportError` before
+anything is written.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from safetensors import safe_open
 
 from nanotrain.checkpoint.inference import load_inference, save_inference
 from nanotrain.checkpoint.manifest import tokenizer_file, write_safetensors
-from nanotrain.config import Config, validate
+from nanotrain.config import Config, ModelConfig, validate
 from nanotrain.data.tokenizer import SentencePieceTokenizer, Tokenizer
-from nanotrain.errors import ConfigError, ExportError, TokenizerError
+from nanotrain.errors import ConfigError, ExportError, NanotrainError, TokenizerError
 from nanotrain.files import atomic_directory
 from nanotrain.hf.llama import (
     check_llama_features,
     hf_config,
+    hf_llama_config,
     hf_llama_name,
     model_config_from_hf,
     nanotrain_name_from_hf,
@@ -73,6 +78,19 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
             else:
                 _write_json(temp / name, content)
     return out
+
+
+def hf_llama_with_weights_of(model: torch.nn.Module, cfg: ModelConfig):
+    """transformers' LlamaForCausalLM with the same configuration and weights as `model`."""
+    try:
+        import transformers
+    except ImportError:
+        raise NanotrainError(
+            "the llama benchmark compares with Hugging Face transformers: pip install transformers"
+        ) from None
+    hf = transformers.LlamaForCausalLM(hf_llama_config(cfg))  # attention through SDPA, transformers' default
+    hf.load_state_dict({hf_llama_name(k): v for k, v in model.state_dict().items()}, strict=True)
+    return hf
 
 
 def read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
