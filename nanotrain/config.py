@@ -114,7 +114,8 @@ class DataConfig:
     mode: Literal["packed", "padded"] = setting("packed", "documents concatenated into windows | one document per row")
     num_workers: int = setting(0, "DataLoader worker processes")
     stories_count: int = setting(6000, "documents the built-in corpus generates")
-    stories_vocab_size: int = setting(1024, "tokenizer size trained on the built-in corpus (at most ~1700 fit its words)")
+    stories_vocab_size: int = setting(
+        1024, "tokenizer size trained on the built-in corpus (at most ~1700 fit its words)")
     stories_seed: int = setting(0, "seed of the built-in corpus (apart from train.seed: new runs, same text)")
 
 
@@ -147,7 +148,8 @@ class TrainConfig:
     lr: float = setting(1e-3, "peak learning rate, reached after optim.warmup_steps")
     seed: int = setting(1337, "seed of the weights, the data order and dropout")
     device: Literal["auto", "cpu", "cuda"] = setting("auto", "auto = cuda when a GPU is visible, else cpu")
-    precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "fp32, or bf16 / fp16 autocast (fp16 with a loss scaler)")
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "fp32, or bf16 / fp16 autocast (fp16 with a loss scaler)")
     compile: bool = setting(False, "torch.compile the model")
     fused_loss: bool = setting(True, "head + cross-entropy in row chunks: no (B, T, V) logits (model/loss.py)")
     tf32: bool = setting(True, "TF32 matmuls on Ampere and newer GPUs")
@@ -510,8 +512,8 @@ def validate(cfg: Config) -> None:
         if not value > 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     non_negative = {
-        "model.n_kv_heads": m.n_kv_heads, "train.eval_every": t.eval_every,
-        "train.sample_tokens": t.sample_tokens, "optim.warmup_steps": o.warmup_steps, "optim.decay_steps": o.decay_steps,
+        "model.n_kv_heads": m.n_kv_heads, "train.eval_every": t.eval_every, "train.sample_tokens": t.sample_tokens,
+        "optim.warmup_steps": o.warmup_steps, "optim.decay_steps": o.decay_steps,
         "optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay, "optim.eps": o.eps,
         "checkpoint.interval": cfg.checkpoint.interval, "data.num_workers": d.num_workers,
         "train.peak_tflops": t.peak_tflops,
@@ -558,7 +560,8 @@ def validate(cfg: Config) -> None:
         )
     if not m.features.grouped_query_attention and m.n_kv_heads not in (0, m.n_heads):
         with_gqa = " and ".join(name for name, features in FEATURES.items() if features.grouped_query_attention)
-        raise ConfigError(f"model.n_kv_heads (grouped-query attention) is a {with_gqa} feature; leave it 0 for {m.flavour}")
+        raise ConfigError(
+            f"model.n_kv_heads (grouped-query attention) is a {with_gqa} feature; leave it 0 for {m.flavour}")
 
 
 def describe_keys(cfg: Config | None = None) -> str:

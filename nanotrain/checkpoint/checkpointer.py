@@ -206,13 +206,14 @@ class Checkpointer:
         return value
 
     def _prepare_root(self) -> None:
-        """Check that the checkpoint directory can be written and holds a checkpoint, and remove what killed saves left there.
+        """Check that the checkpoint directory can be written and holds a checkpoint; remove what killed saves left.
 
         Now rather than at the first save, after the training it should protect.
         """
         def check() -> None:
             if self.root.exists() and not self.root.is_dir():
-                raise CheckpointError(f"checkpoint directory '{self.root}' is a file; set checkpoint.dir to a directory")
+                raise CheckpointError(
+                    f"checkpoint directory '{self.root}' is a file; set checkpoint.dir to a directory")
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryFile(dir=self.root):  # unnamed where the OS allows: nothing to clean up
@@ -222,16 +223,20 @@ class Checkpointer:
                                       "set checkpoint.dir to a writable directory") from None
             remove_stale_temporaries(self.root, "step_*")
             if (free := _free_bytes(self.root)) < self.checkpoint_bytes:
-                raise CheckpointError(f"checkpoint directory '{self.root}' has {_megabytes(free)} free but a checkpoint "
-                                      f"of this run needs at least {_megabytes(self.checkpoint_bytes)}; free space "
-                                      "there, or set checkpoint.dir to a disk with room")
+                raise CheckpointError(
+                    f"checkpoint directory '{self.root}' has {_megabytes(free)} free but a checkpoint "
+                    f"of this run needs at least {_megabytes(self.checkpoint_bytes)}; free space "
+                    "there, or set checkpoint.dir to a disk with room")
 
         self._decided_on_rank0(check, "cannot write the checkpoint directory")
 
     # -- save -------------------------------------------------------------------------------------
 
     def maybe_save(self, force: bool = False) -> Path | None:
-        """Save the train state's step if a checkpoint is due (interval, last step) or `force`d; the new checkpoint or None."""
+        """Save the train state's step if a checkpoint is due (interval, last step) or `force`d.
+
+        Returns the new checkpoint, or None.
+        """
         step, interval = self.train_state.step, self.cfg.checkpoint.interval
         due = interval > 0 and (step // interval > max(self.last_saved_step, 0) // interval
                                 or step == self.cfg.train.max_steps)
@@ -430,10 +435,12 @@ class Checkpointer:
 
     def _check_compatible(self, path: Path, state: dict) -> None:
         saved, now = _flatten(state["config"]), _flatten(self.cfg.to_dict())
-        refused = [f"{k} is {saved.get(k)!r} there but {now[k]!r} now" for k in RESUME_REFUSES if saved.get(k) != now[k]]
+        refused = [f"{k} is {saved.get(k)!r} there but {now[k]!r} now"
+                   for k in RESUME_REFUSES if saved.get(k) != now[k]]
         if state["global_batch"] != self.layout.global_batch:
-            refused.append(f"the global batch (grad_accum_steps x data-parallel ranks x batch_size) is {state['global_batch']} "
-                           f"there but {self.layout.global_batch} now, which changes the data order")
+            refused.append(f"the global batch (grad_accum_steps x data-parallel ranks x batch_size) is "
+                           f"{state['global_batch']} there but {self.layout.global_batch} now, "
+                           "which changes the data order")
         ignore = ("path",)  # a dataset may move; its hashes may not change
         saved_id = {k: v for k, v in state["data_identity"].items() if k not in ignore}
         now_id = {k: v for k, v in self.data_identity.items() if k not in ignore}
@@ -476,7 +483,8 @@ class Checkpointer:
                                   f"optimizer ({type(cause).__name__}: {first_line(cause)})") from None
         set_model_state_dict(self.model, target["model"])
         # The hyperparameters come from this run's config (a changed lr is allowed); the state from the file.
-        set_optimizer_state_dict(self.model, self.optimizer, {"state": target["optim"], "param_groups": optim["param_groups"]})
+        set_optimizer_state_dict(
+            self.model, self.optimizer, {"state": target["optim"], "param_groups": optim["param_groups"]})
 
 
 @contextmanager

@@ -31,7 +31,9 @@ from nanotrain.errors import CheckpointError, ConfigError, TokenizerError
 from nanotrain.files import atomic_directory
 
 
-def save_inference(path: str | Path, model_state_dict: dict, cfg: Config, tokenizer_path: str | Path | None = None) -> Path:
+def save_inference(
+    path: str | Path, model_state_dict: dict, cfg: Config, tokenizer_path: str | Path | None = None
+) -> Path:
     """Write an inference checkpoint (weights, config, tokenizer, manifest) atomically at `path`.
 
     `model_state_dict` has clean nanotrain names; `path` must not exist yet. The tokenizer file

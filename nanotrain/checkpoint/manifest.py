@@ -104,22 +104,26 @@ def verify(path: str | Path, kind: str | None = None) -> dict:
                 f"'{path}' is a Hugging Face model directory (config.json, *.safetensors), not a nanotrain checkpoint; "
                 f"import it with `python -m nanotrain.export --hf {path} --out CKPT` and pass CKPT")
         if (path / "checkpoints").is_dir() or any(path.glob("step_*")):
-            raise CheckpointError(f"'{path}' holds no complete checkpoint (a step_*/ directory with {MANIFEST}), "
-                                  "neither in it nor in its checkpoints/ folder; a run saves one every checkpoint.interval steps")
-        raise CheckpointError(f"checkpoint '{path}' has no {MANIFEST}: it is incomplete (a save was interrupted) or not a nanotrain checkpoint")
+            raise CheckpointError(
+                f"'{path}' holds no complete checkpoint (a step_*/ directory with {MANIFEST}), "
+                "neither in it nor in its checkpoints/ folder; a run saves one every checkpoint.interval steps")
+        raise CheckpointError(f"checkpoint '{path}' has no {MANIFEST}: it is incomplete (a save was interrupted) "
+                              "or not a nanotrain checkpoint")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint '{path}': {MANIFEST} is corrupted") from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint '{path}' has format version {manifest.get('format_version')}; this nanotrain reads {FORMAT_VERSION}")
+        raise CheckpointError(f"checkpoint '{path}' has format version {manifest.get('format_version')}; "
+                              f"this nanotrain reads {FORMAT_VERSION}")
     needed = [WEIGHTS, CONFIG]
     if kind == "training":
         needed += [TRAINER_STATE, f"{TRAIN_STATE_DIR}/.metadata", "rank_00000.pt"]
     for name in needed:
         if name not in files:
-            what = "an inference checkpoint (weights only) and cannot resume training" if kind == "training" else "incomplete"
+            what = ("an inference checkpoint (weights only) and cannot resume training" if kind == "training"
+                    else "incomplete")
             raise CheckpointError(f"checkpoint '{path}' lists no {name}: it is {what}")
     for name, expected in files.items():
         file = path / name
@@ -127,7 +131,8 @@ def verify(path: str | Path, kind: str | None = None) -> dict:
             raise CheckpointError(f"checkpoint '{path}': file {name} is missing")
         size = file.stat().st_size
         if size != expected["bytes"]:
-            raise CheckpointError(f"checkpoint '{path}': file {name} is truncated or altered ({size} bytes, manifest says {expected['bytes']})")
+            raise CheckpointError(f"checkpoint '{path}': file {name} is truncated or altered "
+                                  f"({size} bytes, manifest says {expected['bytes']})")
         if sha256_file(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint '{path}': file {name} is corrupted (sha256 differs from the manifest)")
     if kind == "training":

@@ -157,8 +157,7 @@ def dcp_planner():
     class TensorOnlyPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
             # DefaultLoadPlanner would torch.load these with weights_only=False; we never save any.
-            raise CheckpointError(
-                f"refusing to load '{read_item.dest_index.fqn}' from the DCP checkpoint: it is a pickled object, not a tensor"
-            )
+            raise CheckpointError(f"refusing to load '{read_item.dest_index.fqn}' from the DCP checkpoint: "
+                                  "it is a pickled object, not a tensor")
 
     return TensorOnlyPlanner()
