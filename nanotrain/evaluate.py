@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     r = evaluate_checkpoint(find_checkpoint(args.checkpoint), args.data, args.split, args.precision, device,
                             args.batch_size, args.max_batches, args.seq_len)
     print(f"{args.split} loss {r.loss:.4f} | perplexity {r.perplexity:.2f} | {r.tokens:,} tokens in "
-          f"{window_span(r.windows, r.windows_total, args.split)} ({r.batches} batches) | {args.precision} on {device} | "
-          f"{r.tokens / r.seconds:,.0f} tok/s")
+          f"{window_span(r.windows, r.windows_total, args.split)} ({r.batches} batches) | "
+          f"{args.precision} on {device} | {r.tokens / r.seconds:,.0f} tok/s")
 
 
 if __name__ == "__main__":

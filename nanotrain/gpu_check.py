@@ -284,7 +284,8 @@ def describe(part: Part) -> str:
         return f"torch {d.get('torch', '?')} kept; missing before: {missing}{extra}"
     if part.kind == "tests":
         counts = d.get("counts", {})
-        failed = [name.split("::", 1)[1] for name, outcome in d.get("tests", {}).items() if outcome in ("failed", "error")]
+        failed = [name.split("::", 1)[1] for name, outcome in d.get("tests", {}).items()
+                  if outcome in ("failed", "error")]
         text = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no test ran"
         return text + (f"; failed: {', '.join(failed)}" if failed else "")
     sides = d.get("sides", [])
@@ -331,9 +332,11 @@ def environment() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(prog="launch/gpu_check.sh", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path, help="directory for the logs, summary.md and summary.json")
-    parser.add_argument("--wheels", type=Path, help="directory of wheels for what is missing (installed with --no-index)")
+    parser.add_argument("--wheels", type=Path,
+                        help="directory of wheels for what is missing (installed with --no-index)")
     parser.add_argument("--budget_s", type=float, default=TOTAL_BUDGET_S, help="the whole check's time budget")
-    parser.add_argument("--dry_run", action="store_true", help="run the plan on CPU: nothing installed, tiny benchmarks")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="run the plan on CPU: nothing installed, tiny benchmarks")
     return parser.parse_args(argv)
 
 

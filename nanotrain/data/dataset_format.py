@@ -228,7 +228,8 @@ def write_dataset(documents: Documents | None, out: str | Path, *, sources: list
     except FileExistsError:  # another process published --out meanwhile: fine if it is this very dataset
         published = read_meta(out)
         if published is None or published.get("identity") != identity:
-            raise PrepareError(f"--out '{out}' appeared while preparing and holds something else; choose another --out") from None
+            raise PrepareError(
+                f"--out '{out}' appeared while preparing and holds something else; choose another --out") from None
     except OSError as e:
         problem = destination_problem(e)
         if problem is None:
@@ -355,13 +356,15 @@ def open_meta(path: Path, remedy: str = "prepare it again") -> dict:
     `remedy` says how to get a good one.
     """
     if not path.exists():
-        raise DataError(f"data.path '{path}' does not exist; make it with `python -m nanotrain.prepare INPUT --out {path} --vocab_size N`")
+        raise DataError(f"data.path '{path}' does not exist; "
+                        f"make it with `python -m nanotrain.prepare INPUT --out {path} --vocab_size N`")
     if not path.is_dir():
         raise DataError(f"data.path '{path}' is a file, not a directory; "
                         "pass the directory `python -m nanotrain.prepare --out DIR` made")
     meta = read_meta(path)
     if meta is None:
-        raise DataError(f"data.path '{path}' is not a prepared dataset (no readable meta.json); make it with `python -m nanotrain.prepare`")
+        raise DataError(f"data.path '{path}' is not a prepared dataset (no readable meta.json); "
+                        "make it with `python -m nanotrain.prepare`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(f"dataset '{path}' has format version {meta.get('format_version')}, this nanotrain reads "
                         f"{FORMAT_VERSION}; prepare it again")

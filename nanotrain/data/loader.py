@@ -277,7 +277,9 @@ def window_span(windows: int, total: int | None, split: str = "val") -> str:
     or, of an endless split (total None), `160 val windows`."""
     if total is None:
         return f"{windows:,} {split} windows"
-    return f"all {total:,} {split} windows" if windows == total else f"the first {windows:,} of {total:,} {split} windows"
+    if windows == total:
+        return f"all {total:,} {split} windows"
+    return f"the first {windows:,} of {total:,} {split} windows"
 
 
 def _val_layout(windows: int, batch_size: int, dp_rank: int, dp_size: int) -> list[list[int | None]]:
@@ -290,7 +292,8 @@ def _val_layout(windows: int, batch_size: int, dp_rank: int, dp_size: int) -> li
     per_micro_batch = dp_size * batch_size
     steps = -(-windows // per_micro_batch)
     return [[p if p < windows else None
-             for p in range(k * per_micro_batch + dp_rank * batch_size, k * per_micro_batch + (dp_rank + 1) * batch_size)]
+             for p in range(k * per_micro_batch + dp_rank * batch_size,
+                            k * per_micro_batch + (dp_rank + 1) * batch_size)]
             for k in range(steps)]
 
 

@@ -186,7 +186,8 @@ def prepare_stories(count: int, vocab_size: int, seed: int = 0, verbose: bool = 
         except UnwritableOutput as e:  # e.g. the disk filled up; the temporary directory is already gone
             raise PrepareError(_unwritable_cache(out.parent, e.reason)) from None
         except PrepareError as e:  # speak in the config keys the user actually set
-            raise PrepareError(f"built-in story corpus: {e}".replace("--vocab_size", "data.stories_vocab_size")) from None
+            message = f"built-in story corpus: {e}".replace("--vocab_size", "data.stories_vocab_size")
+            raise PrepareError(message) from None
         except OSError as e:  # any other failure of the cache directory
             raise PrepareError(_unwritable_cache(out.parent, e.strerror or str(e))) from None
     return out

@@ -132,7 +132,9 @@ class Tokenizer:
         """The ids of `text`, with BOS before and EOS after when asked."""
         raise NotImplementedError
 
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int = -1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
         """`encode` of every text, on several threads."""
         raise NotImplementedError
 
@@ -222,7 +224,9 @@ class SentencePieceTokenizer(Tokenizer):
         ids = self.processor.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int = -1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
         """Encode many texts at once on `num_threads` C++ threads (-1: all cores)."""
         return self.processor.encode(list(texts), add_bos=bos, add_eos=eos, num_threads=num_threads)
 
@@ -360,7 +364,9 @@ class HuggingFaceTokenizer(Tokenizer):
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int = -1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], bos: bool = False, eos: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
         """Encode many texts at once: on one thread when `num_threads` is 1, else on the tokenizers
         library's own thread pool (all cores, or RAYON_NUM_THREADS; its size is fixed at first use)."""
         if num_threads == 1:

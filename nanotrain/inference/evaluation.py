@@ -113,14 +113,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data_dir: str, split: str = "val
                       chosen.windows_total)
 
 
-def check_same_tokenizer(checkpoint: str | Path, tokenizer, model_vocab_size: int, data_dir: str, data_tokenizer) -> None:
+def check_same_tokenizer(
+    checkpoint: str | Path, tokenizer, model_vocab_size: int, data_dir: str, data_tokenizer
+) -> None:
     """Refuse data tokenized otherwise than the checkpoint's text was, naming the command that re-prepares it."""
     if tokenizer is None:  # trained on data.source = "random": any ids the model embeds are as good as its own
         if data_tokenizer.vocab_size > model_vocab_size:
             raise EvaluationError(
-                f"dataset '{data_dir}' has a {data_tokenizer.vocab_size}-token vocabulary but checkpoint '{checkpoint}' "
-                f"embeds {model_vocab_size} tokens and has no tokenizer (trained on random tokens); it can only be "
-                f"evaluated on token ids below {model_vocab_size}")
+                f"dataset '{data_dir}' has a {data_tokenizer.vocab_size}-token vocabulary but checkpoint "
+                f"'{checkpoint}' embeds {model_vocab_size} tokens and has no tokenizer (trained on random tokens); "
+                f"it can only be evaluated on token ids below {model_vocab_size}")
         return
     if data_tokenizer.sha256 != tokenizer.sha256:
         sizes = (f" ({data_tokenizer.vocab_size:,} tokens there, {tokenizer.vocab_size:,} here)"

@@ -99,7 +99,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.float()  # the loop's 1 / (valid tokens), times the fp16 loss scale if any
-        return (grad_hidden * scale).to(grad_hidden.dtype), (grad_weight * scale).to(grad_weight.dtype), None, None, None
+        return ((grad_hidden * scale).to(grad_hidden.dtype), (grad_weight * scale).to(grad_weight.dtype),
+                None, None, None)
 
 
 def head_compute_dtype(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.dtype:

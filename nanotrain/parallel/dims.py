@@ -42,7 +42,8 @@ class ParallelDims:
         if self.tp < 1 or self.world_size % self.tp:
             raise ConfigError(
                 f"parallel.tp = {self.tp} must divide the {self.world_size} launched processes (world = dp x tp); "
-                f"launch a multiple of {max(self.tp, 1)} processes or set --parallel.tp to a divisor of {self.world_size}"
+                f"launch a multiple of {max(self.tp, 1)} processes "
+                f"or set --parallel.tp to a divisor of {self.world_size}"
             )
         if self.dp == -1:
             self.dp = self.world_size // self.tp

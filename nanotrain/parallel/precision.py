@@ -30,8 +30,8 @@ class Precision:
         # Without including_emulation=False torch calls a pre-Ampere GPU (V100, T4) bf16-capable
         # because it can emulate it, at a fraction of fp16's tensor-core speed.
         if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise ConfigError(f"{torch.cuda.get_device_name(device)} has no native bf16 (it would be emulated, slowly); "
-                              "use train.precision=fp16")
+            raise ConfigError(f"{torch.cuda.get_device_name(device)} has no native bf16 "
+                              "(it would be emulated, slowly); use train.precision=fp16")
         self.name = name
         self.dtype = DTYPES[name]
         self.device_type = device.type

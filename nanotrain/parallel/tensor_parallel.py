@@ -227,7 +227,9 @@ def whole_sequence(hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of hidden @ weight_shard.T over a vocabulary split across `group`; gradients made in forward."""
+    """Summed cross-entropy of hidden @ weight_shard.T over a vocabulary split across `group`.
+
+    The gradients are made in forward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, start: int, group, needs_grad: bool):
@@ -261,7 +263,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.float()  # the loop's 1 / (valid tokens), times the fp16 loss scale if any
-        return (grad_hidden * scale).to(grad_hidden.dtype), (grad_weight * scale).to(grad_weight.dtype), None, None, None, None
+        return ((grad_hidden * scale).to(grad_hidden.dtype), (grad_weight * scale).to(grad_weight.dtype),
+                None, None, None, None)
 
 
 def all_reduce_gradients(model: nn.Module, dp_group: dist.ProcessGroup) -> None:

@@ -85,7 +85,9 @@ def measure_matmul_tflops(dtype: torch.dtype = torch.float32, seconds: float = 0
     return 2 * size**3 / best / 1e12
 
 
-def device_peak_tflops(device: torch.device, precision: str, tf32: bool, override: float = 0.0) -> tuple[float | None, str]:
+def device_peak_tflops(
+    device: torch.device, precision: str, tf32: bool, override: float = 0.0
+) -> tuple[float | None, str]:
     """(peak TFLOP/s of one device, where the figure came from) for MFU; peak None when unknown."""
     if override > 0:
         return override, "train.peak_tflops"

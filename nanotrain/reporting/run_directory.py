@@ -88,7 +88,8 @@ def locked(directory: Path, key: str = "train.out_dir", log: Callable[[str], Non
                 f"or stop it, or choose another {key}"
             ) from None
         except OSError as e:
-            log(f"note: cannot lock {key} '{directory}' ({e.strerror}); nothing stops a second job from writing into it")
+            log(f"note: cannot lock {key} '{directory}' ({e.strerror}); "
+                "nothing stops a second job from writing into it")
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -98,7 +99,9 @@ def locked(directory: Path, key: str = "train.out_dir", log: Callable[[str], Non
 
 
 def refuse_to_start_over(run_dir: Path, checkpoints: Path) -> None:
-    """Raise RunDirectoryError if `run_dir` or `checkpoints` holds a run (a checkpoint, or a non-empty metrics.jsonl)."""
+    """Raise RunDirectoryError if `run_dir` or `checkpoints` holds a run.
+
+    A run is a checkpoint, or a non-empty metrics.jsonl."""
     inside = _same_directory(checkpoints.parent, run_dir)
     found = []
     saved = list_checkpoints(checkpoints)

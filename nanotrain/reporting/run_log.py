@@ -102,7 +102,8 @@ def format_eval(record: dict, max_steps: int) -> str:
     val_loss = record["val_loss"]
     line = f"step {record['step']:>6}/{max_steps} | val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}"
     if "val_windows" in record:  # the windows averaged, named as nanotrain.evaluate names them
-        line += f" | {record['val_tokens']:,} tokens in {window_span(record['val_windows'], record['val_windows_total'])}"
+        span = window_span(record["val_windows"], record["val_windows_total"])
+        line += f" | {record['val_tokens']:,} tokens in {span}"
     return line
 
 
@@ -308,7 +309,8 @@ class WandbSink(Sink):
         self.run.log(scalars(record, "eval"), step=record["step"])
 
     def log_samples(self, step: int, samples: list[str]) -> None:
-        self.run.log({"eval/samples": self.wandb.Table(columns=["sample"], data=[[text] for text in samples])}, step=step)
+        table = self.wandb.Table(columns=["sample"], data=[[text] for text in samples])
+        self.run.log({"eval/samples": table}, step=step)
 
     def close(self) -> None:
         self.run.finish()

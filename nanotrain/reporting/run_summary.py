@@ -43,7 +43,9 @@ def run_summary(cfg: Config, dims: ParallelDims, model, data: Data, precision: P
 
 
 def epochs(samples: int, cfg: Config, data: Data) -> float | None:
-    """`samples` train samples as passes over the train split (1.5: one and a half); None for the endless random source."""
+    """`samples` train samples as passes over the train split (1.5: one and a half).
+
+    None for the endless random source."""
     return None if cfg.data.source == "random" else samples / data.train.order.num_samples
 
 

@@ -1,4 +1,7 @@
-"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule (docs/02-loss-and-train-loop.md)."""
+"""AdamW with decoupled weight decay on matrices only, and the warmup + cosine schedule.
+
+Chapter: docs/02-loss-and-train-loop.md.
+"""
 
 from __future__ import annotations
 
@@ -96,8 +99,8 @@ class Schedule:
         if self.warmup_steps >= self.decay_end:
             return (f"optim.warmup_steps = {self.warmup_steps} is not shorter than optim.decay_steps = "
                     f"{self.decay_end}: after warmup the learning rate drops from {self.peak_lr:.2e} straight to "
-                    f"its floor {self.peak_lr * self.min_lr_ratio:.2e}, with no cosine; lower optim.warmup_steps or raise "
-                    "optim.decay_steps")
+                    f"its floor {self.peak_lr * self.min_lr_ratio:.2e}, with no cosine; "
+                    "lower optim.warmup_steps or raise optim.decay_steps")
         return None
 
 
