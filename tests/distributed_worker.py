@@ -92,13 +92,15 @@ def tensor_parallel_checks(out_file: Path) -> None:
         model.zero_grad()
         _, loss_sum = model(ids, labels=labels, loss_reduction="sum")
         loss_sum.backward()
-        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                 for n, p in model.named_parameters()}
         return loss_sum.detach(), grads
 
     def cached_logits(model):  # prefill 10 tokens, then 3 one-token steps, through the KV cache
         cache = model.new_kv_cache(4, 16)
         with torch.no_grad():
-            return [model(chunk, kv_cache=cache)[0] for chunk in (ids[:, :10], ids[:, 10:11], ids[:, 11:12], ids[:, 12:13])]
+            return [model(chunk, kv_cache=cache)[0]
+                    for chunk in (ids[:, :10], ids[:, 10:11], ids[:, 11:12], ids[:, 12:13])]
 
     plain_loss, plain_grads = loss_and_grads(plain)
     plain_logits = cached_logits(plain)

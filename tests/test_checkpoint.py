@@ -175,9 +175,11 @@ def killed_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("killed")
     procs = {}
     for point, (step, _) in KILL_POINTS.items():
-        cmd = [sys.executable, "tests/checkpoint_crash_run.py", *args_for(root / point, "--train.batch_size=4", "--model.dropout=0.1")]
+        cmd = [sys.executable, "tests/checkpoint_crash_run.py",
+               *args_for(root / point, "--train.batch_size=4", "--model.dropout=0.1")]
         env = {**subprocess_env(), "CRASH_AT_STEP": str(step), "CRASH_POINT": point, "OMP_NUM_THREADS": "1"}
-        procs[point] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs[point] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
     for point, proc in procs.items():
         _, stderr = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
         assert proc.returncode == -signal.SIGKILL, f"{point}: {stderr[-2000:]}"
@@ -197,7 +199,8 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "nanotrain.train", *args_for(out, "--train.batch_size=4", "--train.max_steps=100000",
                                                                "--checkpoint.interval=0")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.time() + SUBPROCESS_TIMEOUT
         while not ((out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 3):
@@ -490,7 +493,8 @@ def fill_the_disk_at_step_4(monkeypatch, where: str) -> None:
 
         monkeypatch.setattr(FileSystem, "create_stream", full_disk_stream)
         return
-    name = {"a rank file": "_save_rank_state", "model.safetensors": "write_weights", "the manifest": "write_manifest"}[where]
+    name = {"a rank file": "_save_rank_state", "model.safetensors": "write_weights",
+            "the manifest": "write_manifest"}[where]
     original = getattr(checkpoint, name)
 
     def onto_a_full_disk(path, *args, **kwargs):
@@ -533,20 +537,24 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch, 
     full = (lambda directory: True) if full_after == "the start" else (lambda d: (d / "step_00000002").is_dir())
     monkeypatch.setattr(checkpoint, "_free_bytes", lambda directory: 1000 if full(directory) else 10**12)
     if full_after == "the start":
-        with pytest.raises(CheckpointError, match=rf"checkpoint directory '{re.escape(str(root))}' has 0.0 MB free "
-                                                  r"but a checkpoint of this run needs at least [0-9.]+ MB; free space"):
+        with pytest.raises(CheckpointError,
+                           match=rf"checkpoint directory '{re.escape(str(root))}' has 0.0 MB free "
+                                 r"but a checkpoint of this run needs at least [0-9.]+ MB; free space"):
             run_here(tmp_path / "run")
         assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before the first step
         assert list(root.iterdir()) == []
     else:
-        with pytest.raises(CheckpointError, match=r"saving checkpoint \S*step_00000004 failed \(not enough free space\): "
-                                                  r"a checkpoint of this run needs at least [0-9.]+ MB, 0.0 MB free in"):
+        with pytest.raises(CheckpointError,
+                           match=r"saving checkpoint \S*step_00000004 failed \(not enough free space\): "
+                                 r"a checkpoint of this run needs at least [0-9.]+ MB, 0.0 MB free in"):
             run_here(tmp_path / "run")
         assert [p.name for p in root.iterdir()] == ["step_00000002"]
 
 
 def test_checkpoint_bytes_is_a_lower_bound(single):
-    """The estimate the space checks use never exceeds what a checkpoint takes (so it never refuses a save that fits)."""
+    """The estimate the space checks use never exceeds what a checkpoint takes.
+
+    So it never refuses a save that fits."""
     model = build_model(load_config(None, TINY).model)
     written = sum(f.stat().st_size for f in (single / "checkpoints" / "step_00000006").rglob("*") if f.is_file())
     assert 0 < checkpoint.checkpoint_bytes(model) <= written
@@ -800,7 +808,8 @@ def test_a_refused_resume_stops_every_rank_in_one_line(tmp_path):
 
 def run_files(run: Path) -> dict[str, bytes]:
     """Every file of a run directory and its bytes, but the lock, which records whichever job took it last."""
-    return {str(f.relative_to(run)): f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file() and f.name != ".lock"}
+    return {str(f.relative_to(run)): f.read_bytes()
+            for f in sorted(run.rglob("*")) if f.is_file() and f.name != ".lock"}
 
 
 def test_a_resume_refused_on_every_rank_prints_once_and_changes_no_file(tmp_path, ddp_reference):
@@ -818,15 +827,20 @@ def test_a_resume_refused_on_every_rank_prints_once_and_changes_no_file(tmp_path
 
 
 def test_a_full_disk_on_one_rank_stops_every_rank_in_one_line(tmp_path):
-    """Rank 1 alone fails to write its rank file: every rank stops, rank 0 prints rank 1's line, nothing is published."""
+    """Rank 1 alone fails to write its rank file.
+
+    Every rank stops, rank 0 prints rank 1's line, nothing is published."""
     out = tmp_path / "run"
     result = torchrun(args_for(out, "--train.batch_size=2", "--train.max_steps=4"),
                       script=["tests/checkpoint_crash_run.py"],
-                      env_extra={"CRASH_AT_STEP": "4", "CRASH_POINT": "full_disk_at_save_rank_state", "CRASH_RANK": "1"})
+                      env_extra={"CRASH_AT_STEP": "4", "CRASH_POINT": "full_disk_at_save_rank_state",
+                                 "CRASH_RANK": "1"})
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and errors[0].startswith(f"error: saving checkpoint {out / 'checkpoints' / 'step_00000004'} "
-                                                     "failed ([Errno 28] No space left on device)"), result.stderr[-3000:]
-    assert "exitcode  : 2" in result.stderr and "/nanotrain/" not in result.stderr, result.stderr[-3000:]  # no rank traceback
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: saving checkpoint {out / 'checkpoints' / 'step_00000004'} "
+        "failed ([Errno 28] No space left on device)"), result.stderr[-3000:]
+    # no rank traceback
+    assert "exitcode  : 2" in result.stderr and "/nanotrain/" not in result.stderr, result.stderr[-3000:]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
     verify(out / "checkpoints" / "step_00000002", kind="training")
 

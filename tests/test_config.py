@@ -90,7 +90,8 @@ def test_non_finite_numbers_are_refused_naming_the_key(key, value):
 def test_non_finite_numbers_in_a_toml_file_are_refused(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("[optim]\ngrad_clip = nan\n")
-    with pytest.raises(ConfigError, match=r"^optim.grad_clip must be a finite number, got nan \(0 disables clipping\)$"):
+    with pytest.raises(ConfigError,
+                       match=r"^optim.grad_clip must be a finite number, got nan \(0 disables clipping\)$"):
         load_config(str(path))
     path.write_text("[model]\nrope_theta = +inf\n")
     with pytest.raises(ConfigError, match=r"^model.rope_theta must be a finite number, got inf$"):
@@ -98,7 +99,8 @@ def test_non_finite_numbers_in_a_toml_file_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["--train.loss_spike_ratio=1"], "train.loss_spike_ratio must be above 1 (or 0 to turn the spike check off), got 1.0"),
+    (["--train.loss_spike_ratio=1"],
+     "train.loss_spike_ratio must be above 1 (or 0 to turn the spike check off), got 1.0"),
     (["--train.loss_spike_ratio=-2"], "train.loss_spike_ratio must be above 1"),
     (["--train.max_consecutive_skips=0"], "train.max_consecutive_skips must be positive, got 0"),
 ])

@@ -64,7 +64,8 @@ def test_bf16_tracks_fp32_over_30_steps(tmp_path):
     bf16 = run(tmp_path / "bf16", *common, "--train.precision=bf16").losses
     assert fp32[30] < fp32[1] - 1.0 and bf16[30] < bf16[1] - 1.0
     worst = max(abs(bf16[s] - fp32[s]) / fp32[s] for s in fp32)
-    # 5% relative at every step: bf16 keeps 8 mantissa bits; the same run on CPU (bf16 autocast there) drifts at most 1.5%.
+    # 5% relative at every step: bf16 keeps 8 mantissa bits; the same run on CPU (bf16 autocast there)
+    # drifts at most 1.5%.
     assert worst < 0.05, f"bf16 drifted {worst:.2%} from fp32"
     assert any(bf16[s] != fp32[s] for s in fp32), "bf16 run identical to fp32: autocast not in force"
 

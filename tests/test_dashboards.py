@@ -31,7 +31,9 @@ TINY = [
 
 
 def expected_curves(run) -> dict[str, dict[int, float]]:
-    """metrics.jsonl as dashboard curves: train/key or eval/key -> {step: value}; a step twice would be a test failure."""
+    """metrics.jsonl as dashboard curves: train/key or eval/key -> {step: value}.
+
+    A step twice would be a test failure."""
     records = read_metrics(run)
     curves: dict[str, dict[int, float]] = {}
     for group, kind in (("train", records.steps), ("eval", records.evals)):

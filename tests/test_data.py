@@ -428,7 +428,8 @@ def test_evaluation_batches_are_the_loaders_batches(dataset, mode):
         tuple(data._val_samples[i]["input_ids"].tolist()) for i in range(n_val)]
     seed = data.train.order.seed  # train.seed, whose permutation of epoch 0 training follows
     train = evaluation_batches(source, "train", T, 4, padded, seed, max_batches=2)
-    assert train.count == 2 and rows(train.batches) == rows(next(data.train) for _ in range(2))  # epoch 0, training's order
+    # epoch 0, training's order
+    assert train.count == 2 and rows(train.batches) == rows(next(data.train) for _ in range(2))
     assert evaluation_batches(source, "train", T, 4, padded, seed).count == data.train.order.num_samples // 4
 
 

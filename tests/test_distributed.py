@@ -180,7 +180,8 @@ def test_averaging_micro_batch_means_would_fail_this_tolerance():
     mean_of_means = gradient(lambda: [loss / count / 2 for loss, count in map(sum_and_count, micro_batches)])
     valid = [count_valid_tokens(b["labels"]).item() for b in micro_batches]
     naive, right = relative_difference(mean_of_means, big), relative_difference(global_normalised, big)
-    print(f"\nvalid tokens per micro-batch {valid}: gradient error, mean of means {naive:.1e}, global count {right:.1e}")
+    print(f"\nvalid tokens per micro-batch {valid}: gradient error, mean of means {naive:.1e}, "
+          f"global count {right:.1e}")
     assert valid[0] != valid[1]
     assert right <= 1e-6 and naive > 100 * TOLERANCE
 

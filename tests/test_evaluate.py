@@ -75,7 +75,8 @@ def test_cli_and_run_log_name_the_windows_they_average(trained, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"val loss {logged:.4f} | perplexity {math.exp(logged):.2f} | {windows} (")
     main(["--checkpoint", str(checkpoint), "--data", str(data), "--batch_size", "4", "--max_batches", "3"])
-    assert f"| 372 tokens in the first 12 of {record['val_windows_total']} val windows (3 batches) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"| 372 tokens in the first 12 of {record['val_windows_total']} val windows (3 batches) |" in out
 
 
 def test_cli_takes_the_newest_complete_checkpoint_of_a_run(trained, capsys):
@@ -104,14 +105,16 @@ def test_cli_errors_are_one_line(trained, other_tokenizer_data, tmp_path, capsys
     for argv, message in [
         (["--checkpoint", str(tmp_path / "none"), "--data", str(data)], "does not exist"),
         (["--checkpoint", str(checkpoint), "--data", str(tmp_path / "none")], "does not exist"),
-        (["--checkpoint", str(checkpoint), "--data", str(data), "--seq_len", "65"], "exceeds model.max_position_embeddings"),
+        (["--checkpoint", str(checkpoint), "--data", str(data), "--seq_len", "65"],
+         "exceeds model.max_position_embeddings"),
         (["--checkpoint", str(checkpoint), "--data", str(data), "--seq_len", "1"],
          "--seq_len 1 leaves nothing to predict (a window of T tokens gives T-1 next-token predictions); "
          "use --seq_len 2 or more"),
         (["--checkpoint", str(checkpoint), "--data", str(other_tokenizer_data)],
          f"dataset '{other_tokenizer_data}' was tokenized with another tokenizer than checkpoint '{checkpoint}' "
          "(400 tokens there, 320 here); prepare the text again with the checkpoint's tokenizer: python -m "
-         f"nanotrain.prepare INPUT ... --out NEW_DIR --tokenizer {checkpoint / 'tokenizer.model'}, then pass --data NEW_DIR"),
+         f"nanotrain.prepare INPUT ... --out NEW_DIR --tokenizer {checkpoint / 'tokenizer.model'}, "
+         "then pass --data NEW_DIR"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

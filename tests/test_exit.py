@@ -1,4 +1,7 @@
-"""How commands end: exit statuses, one refusal line per job, closed pipes, torchrun ranks (docs/04, "Leaving cleanly")."""
+"""How commands end: exit statuses, one refusal line per job, closed pipes, torchrun ranks.
+
+Chapter: docs/04, "Leaving cleanly".
+"""
 
 from __future__ import annotations
 

@@ -35,7 +35,8 @@ def test_run_starts_with_a_summary_and_print_config_shows_its_config_toml(tmp_pa
     parameters = num_parameters(build_model(cfg.model))
     assert lines[:8] == [
         f"model        {parameters:,} parameters, llama, 2 layers x d_model 64, vocab 96",
-        "data         random (random tokens): endless train windows of 32 tokens (packed), 2 val batches per evaluation",
+        "data         random (random tokens): endless train windows of 32 tokens (packed), "
+        "2 val batches per evaluation",
         "layout       1 process on cpu, strategy none, data parallel 1",
         "precision    fp32 (no autocast)",
         f"run dir      {run} (metrics in metrics.jsonl)",
@@ -48,7 +49,8 @@ def test_run_starts_with_a_summary_and_print_config_shows_its_config_toml(tmp_pa
 
 
 def test_help_lists_every_preset_and_the_most_used_keys():
-    proc = subprocess.run([sys.executable, "-m", "nanotrain.train", "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "nanotrain.train", "--help"], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     out = proc.stdout
     for name in preset_names():

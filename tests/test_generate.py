@@ -117,7 +117,8 @@ def test_past_the_context_each_token_sees_the_last_context_tokens(flavour):
     expected = [nanogpt_crop(model, p, 20) for p in prompts]
     assert generate(model, prompts, 20, temperature=0) == expected  # the cache, re-prefilled once full
     assert generate(model, prompts, 20, temperature=0, use_cache=False) == expected
-    assert expected[2] != generate(model, [prompts[2][-30:]], 20, temperature=0)[0], "a shorter window changes nothing: weak test"
+    assert expected[2] != generate(model, [prompts[2][-30:]], 20, temperature=0)[0], (
+        "a shorter window changes nothing: weak test")
 
 
 def test_generation_refuses_what_cannot_be_generated():
@@ -219,7 +220,8 @@ def test_cli_takes_the_newest_complete_checkpoint_of_a_run(tmp_path, story_token
         main(["--checkpoint", str(given), "--prompt", "The dog", "--max_new_tokens", "3"])
         out, err = capsys.readouterr()
         assert out.startswith("The dog")
-        assert err == f"note: using {run / 'checkpoints' / 'step_00000020'}, the newest complete checkpoint in {given}\n"
+        assert err == (f"note: using {run / 'checkpoints' / 'step_00000020'}, "
+                       f"the newest complete checkpoint in {given}\n")
 
 
 def test_cli_help_shows_the_defaults(capsys):

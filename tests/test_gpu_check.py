@@ -44,7 +44,8 @@ def test_the_gpu_plan_fits_8_minutes_and_benchmarks_what_the_issue_asks(tmp_path
     assert "-m pytest -m cuda" in commands["cuda-tests"] and "tests/test_cuda.py" in commands["cuda-tests"]
     for name in ("bench-20m", "bench-125m", "bench-20m-big"):
         assert "--device cuda --precision bf16 --compile" in commands[name], name
-    assert "--config tinystories-20m --seq_len 256" in commands["bench-20m"] and "--reference" not in commands["bench-20m"]
+    bench_20m = commands["bench-20m"]
+    assert "--config tinystories-20m --seq_len 256" in bench_20m and "--reference" not in bench_20m
     assert "--shape llama-125m --seq_len 1024" in commands["bench-125m"] and "--profile" in commands["bench-125m"]
 
 

@@ -46,7 +46,8 @@ def build_tokenizer_json(style: str, texts: list[str]) -> str:
         bos = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.Sequence([
             processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                          pair="<|begin_of_text|> $A <|begin_of_text|> $B",
                                           special_tokens=[("<|begin_of_text|>", bos)]),
         ])
     return tok.to_str()
@@ -96,7 +97,8 @@ def test_special_ids_come_from_the_file(style_tokenizer):
                                             reference.token_to_id("<|end_of_text|>")) == (400, 401)
     assert not tok.has_pad and tok.pad_id == tok.eos_id
     text = "Once upon a time, 東京 🐉\n\n  spaces"
-    assert tok.encode(text, bos=True, eos=True) == [tok.bos_id] + reference.encode(text, add_special_tokens=False).ids + [tok.eos_id]
+    expected = [tok.bos_id] + reference.encode(text, add_special_tokens=False).ids + [tok.eos_id]
+    assert tok.encode(text, bos=True, eos=True) == expected
     assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
 
 

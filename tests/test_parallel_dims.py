@@ -23,8 +23,8 @@ from nanotrain.parallel.dims import ParallelDims
 from nanotrain.parallel.precision import Precision
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = ["--data.source=random", "--model.vocab_size=64", "--model.d_model=32", "--model.n_layers=2", "--model.n_heads=4",
-        "--model.n_kv_heads=2", "--model.d_ff=64", "--train.device=cpu"]
+TINY = ["--data.source=random", "--model.vocab_size=64", "--model.d_model=32", "--model.n_layers=2",
+        "--model.n_heads=4", "--model.n_kv_heads=2", "--model.d_ff=64", "--train.device=cpu"]
 
 
 def test_one_process_has_no_mesh_and_reduces_nothing():

@@ -33,7 +33,8 @@ def test_two_runs_make_one_png(tmp_path, capsys):
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "metrics.jsonl not found"),
     (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text("")), "holds no loss records"),
-    (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('oops\n{"step": 1, "loss": 1, "lr": 1, "tokens_per_sec": 1}\n')),
+    (lambda d: (d.mkdir(),
+                (d / "metrics.jsonl").write_text('oops\n{"step": 1, "loss": 1, "lr": 1, "tokens_per_sec": 1}\n')),
      "line 1 is not JSON"),
 ])
 def test_bad_run_directories_give_one_line_errors(tmp_path, capsys, setup, message):

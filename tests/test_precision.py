@@ -90,7 +90,8 @@ def poison_one_gradient(monkeypatch, poisoned_step: int) -> dict:
 
 
 def check_the_poisoned_step_was_skipped(out: str, weights: dict, model, poisoned_step: int) -> None:
-    skip = re.search(rf"step {poisoned_step}: fp16 gradients overflowed, update skipped \(loss scale (\d+) -> (\d+)\)", out)
+    skip = re.search(rf"step {poisoned_step}: fp16 gradients overflowed, update skipped "
+                     r"\(loss scale (\d+) -> (\d+)\)", out)
     assert skip and int(skip[1]) == 2 * int(skip[2]), out  # logged, and the scale halved
     assert "dynamic GradScaler" in out  # the precision line at start
     assert torch.equal(weights["before"], weights["after"]), "the overflowed step still changed the weights"
@@ -112,7 +113,8 @@ def backward_grads(model, ids, seed=0):
     _, loss = model(ids, labels=ids)
     loss.backward()
     # activation checkpointing's wrapper shows in parameter names (not in state_dict keys): drop it
-    return loss.detach(), {name.replace("._checkpoint_wrapped_module", ""): p.grad for name, p in model.named_parameters()}
+    return loss.detach(), {name.replace("._checkpoint_wrapped_module", ""): p.grad
+                           for name, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("preset", ["default", "gpt-mini"])  # gpt-mini has dropout: RNG must be replayed

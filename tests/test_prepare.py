@@ -79,7 +79,8 @@ def test_lines_format(prepared, tmp_path):
     (tmp_path / "a.txt").write_text("First story here.\n\n  Second story.  \n")
     meta = prepare([str(tmp_path / "a.txt")], tmp_path / "ds", fmt="lines", tokenizer=str(out / "tokenizer.model"),
                    val_fraction=0.0, verbose=False)
-    assert read_split(tmp_path / "ds", "train", meta) == [tok.encode(t, bos=True, eos=True) for t in ["First story here.", "Second story."]]
+    expected = [tok.encode(t, bos=True, eos=True) for t in ["First story here.", "Second story."]]
+    assert read_split(tmp_path / "ds", "train", meta) == expected
     assert meta["splits"]["val"]["documents"] == 0 and meta["tokenizer"]["trained_here"] is False
 
 
@@ -87,7 +88,8 @@ def test_directory_of_jsonl_and_delimited_files(prepared, tmp_path):
     out, _ = prepared
     tok = Tokenizer.load(out / "tokenizer.model")
     (tmp_path / "in" / "sub").mkdir(parents=True)
-    (tmp_path / "in" / "b.jsonl").write_text("\n".join(json.dumps({"story": t, "id": 1}) for t in ["Third!", "Fourth."]) + "\n")
+    lines = [json.dumps({"story": t, "id": 1}) for t in ["Third!", "Fourth."]]
+    (tmp_path / "in" / "b.jsonl").write_text("\n".join(lines) + "\n")
     write_delimited(tmp_path / "in" / "sub" / "c.txt", ["Fifth.", "Sixth."])
     (tmp_path / "in" / "notes.md").write_text("ignored: not .txt or .jsonl")
     meta = prepare([str(tmp_path / "in")], tmp_path / "ds", tokenizer=str(out / "tokenizer.model"),
@@ -102,7 +104,8 @@ def test_replace_invalid_utf8(prepared, tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"good story\n<|endoftext|>\nbad \xff byte\n<|endoftext|>\n")
     meta = prepare([str(tmp_path / "bad.txt")], tmp_path / "ds", tokenizer=str(out / "tokenizer.model"),
                    replace_invalid_utf8=True, val_fraction=0.0, verbose=False)
-    assert Tokenizer.load(out / "tokenizer.model").decode(read_split(tmp_path / "ds", "train", meta)[1]) == "bad \ufffd byte"
+    second = read_split(tmp_path / "ds", "train", meta)[1]
+    assert Tokenizer.load(out / "tokenizer.model").decode(second) == "bad \ufffd byte"
 
 
 def _bad_inputs(tmp: Path) -> dict:
@@ -119,7 +122,8 @@ def _bad_inputs(tmp: Path) -> dict:
         "missing": ([str(tmp / "nope.txt"), "--vocab_size", "300"], "does not exist"),
         "empty": ([str(tmp / "empty.txt"), "--vocab_size", "300"], "is empty"),
         "no delimiter": ([str(tmp / "nodelim.txt"), "--vocab_size", "300"], "pass --format lines"),
-        "invalid utf-8": ([str(tmp / "bad.txt"), "--vocab_size", "300"], "bad.txt' is not valid UTF-8 at byte offset 26"),
+        "invalid utf-8": ([str(tmp / "bad.txt"), "--vocab_size", "300"],
+                          "bad.txt' is not valid UTF-8 at byte offset 26"),
         "vocab too large": ([str(tmp / "small.txt"), "--vocab_size", "5000"], "too large for this data"),
         "out holds other files": ([str(tmp / "ok.txt"), "--vocab_size", "300", "--out", str(tmp / "taken")],
                                   "already holds other files"),
@@ -132,7 +136,8 @@ def _bad_inputs(tmp: Path) -> dict:
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "no delimiter", "invalid utf-8", "vocab too large",
-                                  "out holds other files", "no tokenizer choice", "out is a file", "out is inside a file"])
+                                  "out holds other files", "no tokenizer choice", "out is a file",
+                                  "out is inside a file"])
 def test_each_bad_input_gives_one_line_and_leaves_nothing(case, tmp_path, capsys):
     args, phrase = _bad_inputs(tmp_path)[case]
     before = leftovers(tmp_path)
@@ -177,8 +182,8 @@ def test_a_full_disk_is_named_as_full_at_the_output_directory(prepared, tmp_path
 
     monkeypatch.setattr(dataset_format, "open", open_on_a_full_disk, raising=False)
     before = leftovers(tmp_path)
-    err = _refusal([str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ds"), "--tokenizer", str(out / "tokenizer.model")],
-                   capsys)
+    err = _refusal([str(tmp_path / "ok.txt"), "--out", str(tmp_path / "ds"),
+                    "--tokenizer", str(out / "tokenizer.model")], capsys)
     assert err == (f"error: cannot write --out '{tmp_path / 'ds'}': its file system is out of space (No space left on "
                    "device); free some space there or choose another --out; nothing was written\n")
     assert leftovers(tmp_path) == before

@@ -73,10 +73,11 @@ def test_fresh_start_is_refused_wherever_the_run_lies_and_allowed_on_a_torchrun_
         run(metrics_only, "--checkpoint.resume=none")
     shared = tmp_path / "shared_checkpoints"
     run(tmp_path / "a", "--train.max_steps=2", f"--checkpoint.dir={shared}")
-    with pytest.raises(RunDirectoryError, match=re.escape(f"checkpoint.dir '{shared}' already holds a run (checkpoints "
-                                                          "up to step 2), which") + ".*a new --train.out_dir and --checkpoint.dir"):
+    held = re.escape(f"checkpoint.dir '{shared}' already holds a run (checkpoints up to step 2), which")
+    with pytest.raises(RunDirectoryError, match=held + ".*a new --train.out_dir and --checkpoint.dir"):
         run(tmp_path / "b", "--checkpoint.resume=none", f"--checkpoint.dir={shared}")
-    run(tmp_path / "b", "--train.max_steps=1", "--checkpoint.resume=none", "--checkpoint.interval=0")  # nothing there yet
+    # nothing there yet
+    run(tmp_path / "b", "--train.max_steps=1", "--checkpoint.resume=none", "--checkpoint.interval=0")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarting this very job: it starts over
     assert set(run(metrics_only, "--checkpoint.resume=none", "--train.max_steps=2").losses) == {1, 2}
 
@@ -112,7 +113,8 @@ def test_second_job_on_the_same_run_directory_is_refused(tmp_path):
         second = run_cli([sys.executable, "-m", "nanotrain.train", *args_for(out, "--train.batch_size=4")])
         assert second.returncode == 2 and second.stdout == ""
         assert second.stderr == (
-            f"error: train.out_dir '{out}' is in use by another training job (PID {first.pid} on {socket.gethostname()}); "
+            f"error: train.out_dir '{out}' is in use by another training job "
+            f"(PID {first.pid} on {socket.gethostname()}); "
             "wait for that job to end or stop it, or choose another train.out_dir\n"
         )
         assert first.poll() is None, "the first job was disturbed"

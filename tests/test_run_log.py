@@ -1,4 +1,7 @@
-"""The run log (nanotrain/reporting/run_log.py): one call per event, fanned out to the console and metrics.jsonl sinks."""
+"""The run log (nanotrain/reporting/run_log.py).
+
+One call per event, fanned out to the console and metrics.jsonl sinks.
+"""
 
 import json
 import math
@@ -86,7 +89,8 @@ def test_an_added_sink_receives_exactly_what_the_console_and_metrics_jsonl_get(
     first = out.index(expected[0])
     assert out[first:first + len(expected)] == expected
     data_line = next(line for line in out if line.startswith("data "))
-    assert f"{windows:,} train windows of 16 tokens (packed), {format_epochs(16 / windows)} epochs in 4 steps" in data_line
+    epochs = format_epochs(16 / windows)
+    assert f"{windows:,} train windows of 16 tokens (packed), {epochs} epochs in 4 steps" in data_line
     assert read_metrics(run).samples == [record for kind, record in recorder.events if kind == "samples"]
 
 

@@ -29,7 +29,8 @@ def test_corpus_is_prepared_once_and_reused(tmp_path, monkeypatch):
         t.join()
     assert results[0] == results[1] == tmp_path / f"stories-v{GENERATOR_VERSION}-n300-v400-s5"
     meta = read_meta(results[0])
-    assert meta["vocab_size"] == 400 and meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 300
+    splits = meta["splits"]
+    assert meta["vocab_size"] == 400 and splits["train"]["documents"] + splits["val"]["documents"] == 300
     stamp = (results[0] / "train.bin").stat().st_mtime_ns
     assert prepare_stories(300, 400, seed=5, verbose=False) == results[0]
     assert (results[0] / "train.bin").stat().st_mtime_ns == stamp  # reused, not rebuilt

@@ -74,7 +74,8 @@ def reference_name(layout: str) -> str:
 def overrides(name: str, out: Path, *extra: str) -> list[str]:
     mode, strategy, batch, accum, _ = LAYOUTS[name]
     sequence = SEQUENCE_PARALLEL if "-sp" in name else []
-    return layout_overrides(mode, strategy, batch, accum, [*TP, *sequence, *MODE_EXTRA[reference_name(name)], *extra], out)
+    return layout_overrides(mode, strategy, batch, accum,
+                            [*TP, *sequence, *MODE_EXTRA[reference_name(name)], *extra], out)
 
 
 def reference_overrides(reference: str, out: Path, *extra: str) -> list[str]:
@@ -122,8 +123,8 @@ def record(result) -> dict:
 
 def story_overrides(data: Path, out: Path, *extra: str) -> list[str]:
     """A run on a prepared dataset (so its checkpoint holds a tokenizer), sampling at each evaluation."""
-    return layout_overrides("packed", "none", 8, 1, [f"--data.path={data}", "--data.source=tokens", "--model.vocab_size=320",
-                                                     "--train.sample_tokens=8", *extra], out)
+    return layout_overrides("packed", "none", 8, 1, [f"--data.path={data}", "--data.source=tokens",
+                                                     "--model.vocab_size=320", "--train.sample_tokens=8", *extra], out)
 
 
 @pytest.fixture(scope="module")
@@ -243,11 +244,13 @@ def test_a_tensor_parallel_run_samples_and_its_checkpoint_serves_generate_evalua
                if '"samples"' in line]
     assert len(samples) == 2 and all(text.strip() for texts in samples for text in texts)  # at steps 3 and 6
 
-    tp_checkpoint, one_checkpoint = checkpoint(runs["dir"], "tp-stories", STEPS), checkpoint(runs["dir"], "stories-one", STEPS)
+    tp_checkpoint = checkpoint(runs["dir"], "tp-stories", STEPS)
+    one_checkpoint = checkpoint(runs["dir"], "stories-one", STEPS)
     generated = run_command("nanotrain.generate", "--checkpoint", str(tp_checkpoint), "--prompt", "Once upon a time",
                             "--max_new_tokens", "8")
     assert generated.stdout.strip().startswith("Once upon a time")
-    val = [evaluate_checkpoint(str(ckpt), str(runs["dataset"]), max_batches=2).loss for ckpt in (tp_checkpoint, one_checkpoint)]
+    val = [evaluate_checkpoint(str(ckpt), str(runs["dataset"]), max_batches=2).loss
+           for ckpt in (tp_checkpoint, one_checkpoint)]
     assert abs(val[0] - val[1]) <= TOLERANCE * val[1], val
 
     run_command("nanotrain.export", "--checkpoint", str(tp_checkpoint), "--format", "hf", "--out", str(tmp_path / "hf"))
@@ -309,7 +312,8 @@ def test_head_counts_tp_does_not_divide_are_refused_in_one_line(key, value):
 
 
 # n_heads and d_ff that every tp from 2 to 6 divides, so only the vocabulary can be refused
-EVERY_TP_DIVIDES = ["--model.n_heads=60", "--model.n_kv_heads=0", "--model.d_model=120", "--model.d_ff=120", "--data.source=random"]
+EVERY_TP_DIVIDES = ["--model.n_heads=60", "--model.n_kv_heads=0", "--model.d_model=120", "--model.d_ff=120",
+                    "--data.source=random"]
 
 
 @pytest.mark.parametrize("vocab, tp, without", [(1, 2, 1), (5, 4, 1), (9, 4, 1), (2, 6, 4)])
