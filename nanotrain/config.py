@@ -155,7 +155,8 @@ class TrainConfig:
     tf32: bool = setting(True, "TF32 matmuls on Ampere and newer GPUs")
     log_every: int = setting(10, "steps between log lines")
     eval_every: int = setting(100, "steps between evaluations; 0 disables periodic evaluation")
-    eval_steps: int = setting(20, "batches per evaluation (split across processes)")
+    eval_steps: int = setting(
+        20, "global batches per evaluation of a val split over 65,536 tokens (a smaller one is evaluated whole)")
     on_nonfinite: Literal["stop", "skip"] = setting(
         "stop", "a non-finite or spiking loss or grad norm stops the run, or skips the update")
     loss_spike_ratio: float = setting(2.0, "a loss above ~this multiple of the recent mean is a spike "
