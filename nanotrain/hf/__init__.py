@@ -1,1 +1,1 @@
-"""Hugging Face: HF Llama's parameter names and config.json, for export, import and bench (docs/10)."""
+"""Hugging Face: Llama parameter names and config.json, export/import of weights, tokenizer.json (docs/10)."""
