@@ -1,4 +1,5 @@
-"""train_step: accumulated micro-batches give one big batch's update; a judge or fp16 overflow can withhold it."""
+"""train_step: accumulated micro-batches give one big batch's update; a judge or fp16 overflow can withhold it;
+a schedule passed in (as pipelining will) replaces the micro-batch loop."""
 
 import copy
 
@@ -65,6 +66,28 @@ def test_accumulated_micro_batches_step_like_one_big_batch():
         # of 0, summing in another order moves it by a small fraction of lr (1e-2)
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4, msg=name)
         assert ours.grad is None, f"{name}: gradients are zeroed after the step"
+
+
+def test_train_step_runs_the_schedule_it_is_given():
+    """A replacement for forward_backward: its loss and tokens are the step's, its gradient is clipped and applied."""
+    model, optimizer = model_and_optimizer()
+    micro_batches = micro_batches_with_uneven_valid_tokens()
+    before = copy.deepcopy(model.state_dict())
+    calls = []
+
+    def schedule(model, micro_batches, dims, precision, *, fused_loss):
+        calls.append((len(micro_batches), dims, fused_loss))
+        for parameter in model.parameters():
+            parameter.grad = torch.ones_like(parameter)
+        return torch.tensor(6.0), torch.tensor(3.0)
+
+    outcome = train_step(model, optimizer, micro_batches, CPU, fp32(), grad_clip=OPTIM.grad_clip, fused_loss=False,
+                         schedule=schedule)
+    assert calls == [(3, CPU, False)]
+    assert (outcome.loss, outcome.valid_tokens, outcome.applied) == (2.0, 3, True)
+    assert outcome.grad_norm == pytest.approx(sum(p.numel() for p in model.parameters()) ** 0.5, rel=1e-6)
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_a_rejecting_judge_sees_the_numbers_and_leaves_weights_and_optimizer_alone():

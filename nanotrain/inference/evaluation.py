@@ -59,7 +59,7 @@ def mean_loss(model: torch.nn.Module, batches, precision: Precision, dims: Paral
             _, loss_sum = model(batch["input_ids"], batch.get("attention_mask"), labels=batch["labels"],
                                 loss_reduction="sum", fused_loss=fused_loss)
         totals += torch.stack([loss_sum.double(), count_valid_tokens(batch["labels"]).double()])
-    all_reduce_sum(totals, dims.dp_group)
+    all_reduce_sum(totals, dims.loss_group)
     model.train(was_training)
     return (totals[0] / totals[1].clamp(min=1)).item(), int(totals[1].item())
 

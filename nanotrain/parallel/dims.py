@@ -5,13 +5,14 @@ torchtitan's `ParallelDims` and picotron's process-group manager). The processes
 mesh with one named axis per kind of parallelism, outermost first: "dp" (data parallelism)
 and, when `parallel.tp` > 1, "tp" (tensor parallelism) inside it, so the tp ranks of one dp
 group are neighbours (on one node, where the per-layer all-reduces are cheapest). dp × tp is
-the world size. Everyone else asks for the degree, rank and process group of the axis they care
-about — data parallelism (`dp_size`, `dp_rank`, `dp_group`, `dp_mesh`) decides the data order,
-the loss normalisation, evaluation's reduction and the checkpoint layout; tensor parallelism
-(`tp_size`, `tp_rank`, `tp_mesh`) decides how each layer's weights are split — never the world size.
+the world size. Everyone else asks by axis name — `axis_size`, `axis_rank`, `axis_group`,
+`axis_mesh` — never the world size: the dp axis decides the data order and the checkpoint
+layout, the tp axis how each layer's weights are split. The loss and valid tokens are summed
+over `loss_group` (the ranks that see different tokens), which the step and evaluation use
+without naming an axis. Chapter: docs/11-architecture.md ("add a parallel axis").
 
-Adding an axis is one more degree field, one more entry in `degrees` and its
-`*_size`/`*_rank`/`*_mesh` answers; the validation and the mesh follow from `degrees`.
+Adding an axis is one more degree field named after it and one more entry in `AXES`; the mesh
+and the per-axis answers follow (and `loss_group` widens if the axis splits the tokens).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from nanotrain.errors import ConfigError
+
+AXES = ("dp", "tp")  # every axis a job may split over, outermost first; each is a degree field of ParallelDims
 
 
 @dataclass
@@ -68,10 +71,10 @@ class ParallelDims:
     def degrees(self) -> dict[str, int]:
         """Each named axis of the device mesh and its degree, outermost first: the mesh's shape.
 
-        An axis of degree 1 is left out, so a data-parallel-only job keeps its one-axis mesh over
-        the default process group.
+        An axis of degree 1 other than dp is left out, so a data-parallel-only job keeps its
+        one-axis mesh over the default process group.
         """
-        return {"dp": self.dp, **({"tp": self.tp} if self.tp > 1 else {})}
+        return {axis: getattr(self, axis) for axis in AXES if axis == "dp" or getattr(self, axis) > 1}
 
     def build_mesh(self) -> None:
         """Arrange the processes of the joined process group into the device mesh (a collective).
@@ -82,54 +85,61 @@ class ParallelDims:
         self.mesh = init_device_mesh(self.device.type, tuple(self.degrees.values()),
                                      mesh_dim_names=tuple(self.degrees))
 
+    def axis_size(self, axis: str) -> int:
+        """The degree of `axis`: how many processes it spans (1 for an axis this job does not split over)."""
+        return getattr(self, self._known(axis))
+
+    def axis_rank(self, axis: str) -> int:
+        """This process's index along `axis` (0 for an axis of degree 1)."""
+        return self._coordinate(axis) if self._known(axis) in self.degrees else 0
+
+    def axis_group(self, axis: str) -> dist.ProcessGroup | None:
+        """The process group of `axis`; None in one process or for an axis of degree 1."""
+        return self.mesh.get_group(axis) if self._on_mesh(axis) else None
+
+    def axis_mesh(self, axis: str) -> DeviceMesh | None:
+        """The one-axis sub-mesh of `axis` (what FSDP shards and tensor parallelism splits over), or None."""
+        return self.mesh[axis] if self._on_mesh(axis) else None
+
+    # The ranks that see different tokens: the loss and valid tokens are summed over them, and the
+    # gradient wrappers average over them. Data parallelism today; with context parallelism, dp x cp.
     @property
-    def dp_size(self) -> int:
-        """Data-parallel degree: how many different batches one optimizer step sees at once."""
-        return self.dp
+    def loss_group(self) -> dist.ProcessGroup | None:
+        """The process group the step's loss and valid tokens are summed over; None in one process."""
+        return self.axis_group("dp")
 
     @property
-    def dp_rank(self) -> int:
-        """This process's index on the data-parallel axis: which share of the global batch it takes."""
-        return self._coordinate("dp")
+    def loss_size(self) -> int:
+        """How many ranks `loss_group` spans: the factor that turns the wrappers' gradient mean back into a sum."""
+        return self.axis_size("dp")
 
-    @property
-    def dp_group(self) -> dist.ProcessGroup | None:
-        """The process group of the data-parallel axis (gradients and losses reduce over it); None in one process."""
-        return self.mesh.get_group("dp") if self.mesh is not None else None
-
-    @property
-    def dp_mesh(self) -> DeviceMesh | None:
-        """The data-parallel axis of the mesh, which FSDP shards over; None in one process."""
-        return self.mesh["dp"] if self.mesh is not None else None
-
-    @property
-    def tp_size(self) -> int:
-        """Tensor-parallel degree: how many processes hold the shards of one layer (1: no tensor parallelism)."""
-        return self.tp
-
-    @property
-    def tp_rank(self) -> int:
-        """This process's index on the tensor-parallel axis: which shard of each split weight it holds."""
-        return self._coordinate("tp") if self.tp > 1 else 0
-
-    @property
-    def tp_mesh(self) -> DeviceMesh | None:
-        """The tensor-parallel axis of the mesh, which the layers' weights are split over; None without it."""
-        return self.mesh["tp"] if self.mesh is not None and self.tp > 1 else None
+    # Shorthands for the two axes the layers name today; a new axis needs none.
+    dp_size = property(lambda self: self.axis_size("dp"))
+    dp_rank = property(lambda self: self.axis_rank("dp"))
+    dp_group = property(lambda self: self.axis_group("dp"))
+    dp_mesh = property(lambda self: self.axis_mesh("dp"))
+    tp_size = property(lambda self: self.axis_size("tp"))
+    tp_rank = property(lambda self: self.axis_rank("tp"))
+    tp_mesh = property(lambda self: self.axis_mesh("tp"))
 
     @property
     def is_main(self) -> bool:
         """Only the main process prints and writes files."""
         return self.rank == 0
 
+    def _known(self, axis: str) -> str:
+        if axis not in AXES:
+            raise ValueError(f"unknown parallel axis '{axis}'; the axes are {', '.join(AXES)}")
+        return axis
+
+    def _on_mesh(self, axis: str) -> bool:
+        return self._known(axis) in self.degrees and self.mesh is not None
+
     def _coordinate(self, axis: str) -> int:
         """This rank's index along `axis` of the row-major mesh (the layout init_device_mesh uses)."""
-        inner = 1
-        for name, degree in reversed(self.degrees.items()):
-            if name == axis:
-                return (self.rank // inner) % degree
-            inner *= degree
-        raise KeyError(axis)
+        degrees = list(self.degrees.values())
+        inner = math.prod(degrees[list(self.degrees).index(axis) + 1:])
+        return (self.rank // inner) % self.degrees[axis]
 
     def _describe_degrees(self) -> str:
         return " x ".join(f"{name}={degree}" for name, degree in self.degrees.items())
