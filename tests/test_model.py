@@ -109,12 +109,13 @@ def test_init_depends_only_on_the_seed_and_leaves_the_global_rng_alone():
 def test_init_scales_residual_projections_and_sets_norms_and_biases():
     model = build_model(tiny_config("gpt", n_layers=8, d_model=64, d_ff=256, init_std=0.02))
     std = 0.02 / math.sqrt(2 * 8)
-    for block in model.blocks:
+    for block in model.blocks.values():
         assert torch.equal(block.attn_norm.weight, torch.ones(64))
         assert torch.equal(block.attn_norm.bias, torch.zeros(64))
         assert torch.equal(block.attn.q_proj.bias, torch.zeros(64))
-    residual = torch.cat([w.flatten() for b in model.blocks for w in (b.attn.o_proj.weight, b.mlp.down_proj.weight)])
-    others = torch.cat([b.mlp.up_proj.weight.flatten() for b in model.blocks])
+    blocks = list(model.blocks.values())
+    residual = torch.cat([w.flatten() for b in blocks for w in (b.attn.o_proj.weight, b.mlp.down_proj.weight)])
+    others = torch.cat([b.mlp.up_proj.weight.flatten() for b in blocks])
     assert abs(residual.std().item() - std) < 0.1 * std
     assert abs(others.std().item() - 0.02) < 0.002
 
@@ -162,6 +163,8 @@ def test_bad_inputs_give_clear_errors():
     cache = model.new_kv_cache(1, 4)
     with pytest.raises(ValueError, match="KV cache holds 4"):
         model(random_ids(1, 5), kv_cache=cache)
+    with pytest.raises(ValueError, match=r"positions must have shape \(1, 8\)"):
+        model(random_ids(1, 8), positions=torch.arange(7)[None])
 
 
 def test_hf_llama_names_cover_every_parameter_and_invert():
@@ -224,7 +227,7 @@ def test_config_fields_reach_the_model():
     cfg = dataclasses.replace(tiny_config("llama"), norm_eps=1e-3)
     model = build_model(cfg)
     assert model.config is cfg and model.norm.eps == 1e-3
-    assert len(model.blocks) == cfg.n_layers and model.blocks[0].attn.k_proj.out_features == 2 * cfg.head_dim
+    assert len(model.blocks) == cfg.n_layers and model.blocks["0"].attn.k_proj.out_features == 2 * cfg.head_dim
 
 
 # ---- flavours are features: the model asks cfg.features, never the flavour's name ----------------
@@ -246,7 +249,7 @@ def test_a_third_flavour_is_one_row_of_features(monkeypatch):
     assert type(model.norm).__name__ == "RMSNorm" and "bias" not in dict(model.norm.named_parameters())
     ids = random_ids(2, 10)
     model(ids, labels=ids)[1].backward()
-    assert model.blocks[0].mlp.up_proj.bias.grad.abs().sum() > 0  # the biases are in the graph
+    assert model.blocks["0"].mlp.up_proj.bias.grad.abs().sum() > 0  # the biases are in the graph
     norm_params = sum(p.numel() for n, p in model.named_parameters() if "norm" in n)
     bias_params = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     matmul_params = num_parameters(model, exclude_embeddings=True) - norm_params - bias_params
@@ -262,3 +265,71 @@ def test_each_flavour_builds_the_blocks_its_features_name(flavour):
     assert ("blocks.1.mlp.gate_proj.weight" in names) == (features.mlp == "swiglu")
     assert ("blocks.1.attn.o_proj.bias" in names) == features.bias
     assert ("norm.bias" in names) == (features.norm == "layernorm")  # LayerNorm has a bias, RMSNorm none
+
+
+# ---- pipeline stages and positions as an input ---------------------------------------------------
+
+def split_into_stages(flavour: str, cuts: list[int], **overrides) -> list:
+    """Whole models cut into stages by `keep_only`: blocks [cuts[i], cuts[i + 1]), embeddings first, head last."""
+    return [
+        tiny_model(flavour, **overrides).keep_only(range(a, b), embeddings=a == 0, head=b == cuts[-1])
+        for a, b in zip(cuts, cuts[1:])
+    ]
+
+
+@pytest.mark.parametrize("flavour, tied", [("gpt", False), ("llama", False), ("llama", True)])
+@torch.no_grad()
+def test_stages_run_in_turn_give_the_whole_models_logits_and_loss(flavour, tied):
+    whole = tiny_model(flavour, n_layers=4, tie_embeddings=tied)
+    stages = split_into_stages(flavour, [0, 1, 3, 4], n_layers=4, tie_embeddings=tied)
+    ids, mask = random_ids(2, 12), torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding reaches every stage through the mask
+    hidden = ids
+    for stage in stages[:-1]:
+        hidden, loss = stage(hidden, attention_mask=mask)
+        assert hidden.shape == (2, 12, 32) and loss is None
+    logits, loss = stages[-1](hidden, attention_mask=mask, labels=ids)
+    expected_logits, expected_loss = whole(ids, attention_mask=mask, labels=ids)
+    assert torch.equal(logits, expected_logits) and torch.equal(loss, expected_loss)
+
+
+@pytest.mark.parametrize("flavour, tied", [("gpt", False), ("llama", False), ("llama", True)])
+def test_stages_keep_the_whole_models_parameter_names_and_values(flavour, tied):
+    whole = tiny_model(flavour, n_layers=4, tie_embeddings=tied).state_dict()
+    first, middle, last = (stage.state_dict() for stage in split_into_stages(flavour, [0, 1, 3, 4], n_layers=4,
+                                                                              tie_embeddings=tied))
+    assert {key.split(".")[1] for key in middle} == {"1", "2"}  # global block indices, no embeddings or head
+    assert "tok_embeddings.weight" in first and "lm_head.weight" in last and "norm.weight" not in first
+    assert first.keys() | middle.keys() | last.keys() == whole.keys()
+    for stage in (first, middle, last):
+        for key, tensor in stage.items():
+            assert torch.equal(tensor, whole[key]), key
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@torch.no_grad()
+def test_positions_passed_in_as_computed_today_give_identical_logits(flavour):
+    model = tiny_model(flavour)
+    ids, mask = random_ids(2, 10), torch.ones(2, 10, dtype=torch.long)
+    assert torch.equal(model(ids, positions=torch.arange(10).expand(2, 10))[0], model(ids)[0])
+    mask[1, :4] = 0
+    from_mask = (mask.cumsum(-1) - 1).clamp(min=0)
+    assert torch.equal(model(ids, attention_mask=mask, positions=from_mask)[0], model(ids, attention_mask=mask)[0])
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@torch.no_grad()
+def test_a_chunk_at_its_global_positions_gives_that_slice_of_the_full_sequence(flavour):
+    """As under context parallelism: the second chunk attends to the first (here through the KV
+    cache) and must be told where it starts; positions from 0 give other logits."""
+    model = tiny_model(flavour)
+    ids, start = random_ids(1, 16), 6
+    full = model(ids)[0]
+
+    def second_chunk(positions):
+        cache = model.new_kv_cache(1, 16)
+        model(ids[:, :start], kv_cache=cache, positions=torch.arange(start)[None])
+        return model(ids[:, start:], kv_cache=cache, positions=positions[None])[0]
+
+    torch.testing.assert_close(second_chunk(torch.arange(start, 16)), full[:, start:], rtol=0, atol=1e-5)
+    assert not torch.allclose(second_chunk(torch.arange(16 - start)), full[:, start:], atol=1e-3)

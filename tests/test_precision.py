@@ -126,7 +126,7 @@ def test_activation_checkpointing_gives_identical_gradients(preset):
     plain_model = parallelize(build_model(plain_cfg.model), plain_cfg, CPU)
     plain_loss, plain_grads = backward_grads(plain_model, ids)
     ac_model = parallelize(build_model(ac_cfg.model), ac_cfg, CPU)
-    assert "checkpoint" in type(ac_model.blocks[0]).__name__.lower()
+    assert "checkpoint" in type(ac_model.blocks["0"]).__name__.lower()
     ac_loss, ac_grads = backward_grads(ac_model, ids)
     assert torch.equal(plain_loss, ac_loss)
     assert ac_model.state_dict().keys() == plain_model.state_dict().keys()  # checkpoints keep clean names

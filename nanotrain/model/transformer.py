@@ -11,7 +11,13 @@ The model knows nothing of devices, parallelism or precision: those are applied 
 
 Padding: `attention_mask` (B, S) holds 1 for tokens and 0 for padding (left padding works).
 Positions come from the mask (cumsum - 1), so a left-padded row gives the same logits at its
-real tokens as the unpadded row.
+real tokens as the unpadded row; `forward(..., positions=)` passes them in instead (a
+context-parallel chunk holds global positions).
+
+Pipeline stages: `model.keep_only(blocks=range(a, b), embeddings=..., head=...)` drops the rest.
+Blocks are keyed by their global index (`blocks.5.attn...` on every stage), so a stage's
+parameter names are the whole model's. A stage without embeddings takes hidden states (B, T, C)
+in place of token ids; one without the head returns hidden states in place of logits.
 
 KV cache (generation; call under `torch.no_grad()`):
     cache = model.new_kv_cache(batch_size, max_len)   # preallocated per layer
@@ -211,7 +217,8 @@ class Transformer(nn.Module):
         if cfg.features.positions == "learned":
             self.pos_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        # Keyed by global index, not a list: a pipeline stage keeping blocks 4-7 still names them 4-7.
+        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = make_norm(cfg)
         self.lm_head = OutputHead(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -236,22 +243,43 @@ class Transformer(nn.Module):
                 scale = std / math.sqrt(2 * self.config.n_layers) if writes_residual else std
                 param.copy_(torch.empty(param.shape).normal_(0.0, scale, generator=generator))
 
+    def keep_only(self, blocks: range, embeddings: bool, head: bool) -> Transformer:
+        """Make this model a pipeline stage, in place: keep `blocks` (global indices) and, if asked,
+        the embeddings (first stage) and the final norm, head and loss (last stage); drop the rest.
+
+        Call it on the whole model after `build_model`, so the stage's weights are the whole model's.
+        """
+        for key in list(self.blocks):
+            if int(key) not in blocks:
+                del self.blocks[key]
+        if not embeddings:
+            del self.tok_embeddings
+            if hasattr(self, "pos_embeddings"):
+                del self.pos_embeddings
+        if not head:
+            del self.norm, self.lm_head
+        return self
+
     def new_kv_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty cache for `batch_size` rows of up to `max_len` tokens, on the model's device and dtype."""
         weight = self.lm_head.weight
         return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, kv_cache=None, *,
+    def forward(self, input_ids, attention_mask=None, labels=None, kv_cache=None, *, positions=None,
                 fused_loss: bool = False, loss_reduction: str = "mean"):
         """input_ids (B, T) -> (logits (B, T, V), mean next-token loss or None).
 
+        `positions` (B, T): each token's position in its sequence; None computes them from
+        `attention_mask` (cumsum - 1) or, without one, as past, past + 1, ...
         Training options (keyword-only): `loss_reduction="sum"` returns the loss summed over
         valid tokens instead of the mean (the train loop normalises over the whole step);
         `fused_loss=True` (with labels) computes the head and the loss together in row chunks
         (loss.fused_next_token_loss) and returns logits=None: no (B, T, V) tensor is made.
+        On a pipeline stage (`keep_only`) without embeddings `input_ids` is hidden states (B, T, C);
+        without the head the result is (hidden states (B, T, C), None).
         """
         cfg = self.config
-        B, T = input_ids.shape
+        B, T = input_ids.shape[:2]
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > cfg.max_position_embeddings:
             raise ValueError(
@@ -265,32 +293,41 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"attention_mask must have shape ({B}, {past + T}), got {tuple(attention_mask.shape)}"
             )
+        if positions is not None and positions.shape != (B, T):
+            raise ValueError(f"positions must have shape ({B}, {T}), got {tuple(positions.shape)}")
 
-        if attention_mask is None:
-            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)  # (B, T)
-        else:  # left padding: a row's first real token is position 0
+        device = input_ids.device
+        if positions is None and attention_mask is None:
+            positions = torch.arange(past, past + T, device=device).expand(B, T)  # (B, T)
+        elif positions is None:  # left padding: a row's first real token is position 0
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         # No mask and nothing cached: SDPA's is_causal path (flash attention on CUDA).
         mask = None
         if attention_mask is not None or past > 0:
-            mask = attention_mask_for(attention_mask, T, past, input_ids.device)  # (B|1, 1, T, S)
-
-        x = self.tok_embeddings(input_ids)  # (B, T, C)
+            mask = attention_mask_for(attention_mask, T, past, device)  # (B|1, 1, T, S)
         rope = None
-        if cfg.features.positions == "learned":
-            x = x + self.pos_embeddings(positions)
-        else:
+        if cfg.features.positions == "rope":
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        x = self.dropout(x)
-        for block in self.blocks:
+
+        x = self.embed(input_ids, positions) if hasattr(self, "tok_embeddings") else input_ids  # (B, T, C)
+        for block in self.blocks.values():
             x = block(x, rope, mask, kv_cache)
         if kv_cache is not None:
             kv_cache.length += T
+        if not hasattr(self, "lm_head"):
+            return x, None
         hidden = self.norm(x)  # (B, T, C)
         if labels is None:
             return self.lm_head(hidden), None  # (B, T, V)
         logits, loss_sum, valid_tokens = self.lm_head.loss(hidden, labels, fused=fused_loss)
         return logits, loss_sum if loss_reduction == "sum" else loss_sum / valid_tokens.clamp(min=1)
+
+    def embed(self, input_ids, positions):
+        """Token ids (B, T) -> the first block's input (B, T, C), with learned positions if the flavour has them."""
+        x = self.tok_embeddings(input_ids)
+        if self.config.features.positions == "learned":
+            x = x + self.pos_embeddings(positions)
+        return self.dropout(x)
 
 
 def build_model(model_cfg: ModelConfig, seed: int = 0) -> Transformer:
@@ -321,10 +358,10 @@ def parameter_report(model: Transformer) -> str:
     rows = [("tok_embeddings", count(model.tok_embeddings), "")]
     if hasattr(model, "pos_embeddings"):
         rows.append(("pos_embeddings", count(model.pos_embeddings), ""))
-    for i, block in enumerate(model.blocks):
+    for key, block in model.blocks.items():
         norms = count(block.attn_norm) + count(block.mlp_norm)
         detail = f"attn {count(block.attn):,}  mlp {count(block.mlp):,}  norms {norms:,}"
-        rows.append((f"blocks.{i}", count(block), detail))
+        rows.append((f"blocks.{key}", count(block), detail))
     rows.append(("norm", count(model.norm), ""))
     tied = model.lm_head.weight is model.tok_embeddings.weight
     rows.append(("lm_head", 0 if tied else count(model.lm_head), "tied to tok_embeddings" if tied else ""))

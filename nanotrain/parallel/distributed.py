@@ -256,11 +256,11 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, precision: Pr
     if cfg.model.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-        for i, block in enumerate(model.blocks):
+        for key, block in list(model.blocks.items()):
             # The wrapper strips its own prefix from state_dict keys, so checkpoints keep clean names.
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+            model.blocks[key] = checkpoint_wrapper(block, preserve_rng_state=True)
     if cfg.train.compile:
-        for block in model.blocks:
+        for block in model.blocks.values():
             block.compile()  # in place: parameter names gain no "_orig_mod." prefix
 
     if dims.strategy == "ddp" and dims.tp_size > 1:
@@ -273,7 +273,7 @@ def parallelize(model: nn.Module, cfg: Config, dims: ParallelDims, precision: Pr
 
         mp_policy = (precision or Precision("fp32", dims.device, dims.strategy)).fsdp_policy()
         reshard = cfg.parallel.reshard_after_forward
-        for block in model.blocks:
+        for block in model.blocks.values():
             fully_shard(block, mesh=dims.dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
         # The root holds the embeddings, final norm and head (and a tied embedding/head weight,
         # which must live in one FSDP group; the root is that group).

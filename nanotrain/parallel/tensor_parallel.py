@@ -69,7 +69,7 @@ def apply_tensor_parallel(model: Transformer, tp_mesh: DeviceMesh, sequence_para
     # than one over both. Both are exact; gloo and NCCL give every rank the same sum.
     logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
     sequence = Shard(1)
-    for block in model.blocks:
+    for block in model.blocks.values():
         names = {name for name, _ in block.named_modules()}
         plan = {name: ColwiseParallel() for name in COLWISE if name in names}
         if sequence_parallel:  # the residual stream stays a DTensor split by position
