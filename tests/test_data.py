@@ -171,7 +171,8 @@ def test_build_errors_are_one_line(dataset, tmp_path):
         build_data(config(tmp_path / "empty"), 0, 1)
     with pytest.raises(DataError, match="set --model.vocab_size=400"):
         build_data(config(dataset, "--model.vocab_size=300"), 0, 1)
-    with pytest.raises(DataError, match="fewer than one optimizer step needs"):
+    words = r"fewer than one optimizer step needs \(grad_accum_steps x data-parallel ranks x batch_size"
+    with pytest.raises(DataError, match=words):
         build_data(config(dataset, "--train.batch_size=3000"), 0, 1)
 
 

@@ -141,7 +141,7 @@ def test_layout_equals_one_process_big_batch(runs, mode, layout):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", ["ddp", "fsdp"])
 def test_val_loss_is_the_same_for_any_world_size(runs, mode, layout):
-    """The eval set is eval_steps x world_size x batch_size samples: 2 x 4 here as 1 x 8 in the reference."""
+    """The eval set is eval_steps x data-parallel ranks x batch_size samples: 2 x 4 here as 1 x 8 in the reference."""
     run, reference = runs[mode, layout], runs[mode, "reference"]
     assert reference["val_losses"].keys() == {3, STEPS}
     difference = max_loss_difference(run["val_losses"], reference["val_losses"])

@@ -141,7 +141,7 @@ class TrainBatches:
         if state["samples_consumed"] % per_micro_batch:
             raise DataError(
                 f"loader state sits at global sample {state['samples_consumed']}, not a multiple of "
-                f"world_size x batch_size = {per_micro_batch}; resume with a layout that divides it"
+                f"data-parallel ranks x batch_size = {per_micro_batch}; resume with a layout that divides it"
             )
         self.micro_batches = state["samples_consumed"] // per_micro_batch
         self._loader_iter = None
@@ -197,7 +197,7 @@ def build_data(cfg: Config, dp_rank: int = 0, dp_size: int = 1) -> Data:
         unit = "documents" if padded else f"windows of train.seq_len={t.seq_len} tokens"
         raise DataError(
             f"the train split of '{source.path}' holds {len(train_samples)} {unit}, fewer than one optimizer step "
-            f"needs (grad_accum_steps x world_size x batch_size = {per_step}); lower them or use more data"
+            f"needs (grad_accum_steps x data-parallel ranks x batch_size = {per_step}); lower them or use more data"
         )
     order = GlobalOrder(len(train_samples), t.seed, shuffle=source.shuffle)
     train = TrainBatches(train_samples, order, t.batch_size, dp_rank, dp_size, d.num_workers, pin_memory)
