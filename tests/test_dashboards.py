@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -141,7 +142,9 @@ def test_wandb_offline_run_holds_the_metrics_jsonl_numbers_and_a_resume_continue
 
     assert (run / WANDB_RUN_ID_FILE).read_text().strip() == run_id
     offline_runs = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(offline_runs) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline_runs)
+    # W&B names each attempt's directory offline-run-<time>-<id>, adding "-1" when both start in the same second
+    same_run = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    assert len(offline_runs) == 2 and all(same_run.fullmatch(path.name) for path in offline_runs), offline_runs
     logged: dict[str, dict[int, float]] = {}
     for offline_run in offline_runs:
         for row in wandb_history(offline_run / f"run-{run_id}.wandb"):
