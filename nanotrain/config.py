@@ -141,7 +141,7 @@ class TrainConfig:
 
     out_dir: str = setting("runs/default", "run directory; unset: runs/<preset>, with the layout under torchrun "
                                             "(runs/default-ddp2)")
-    max_steps: int = setting(1000, "optimizer steps; the cosine schedule ends here")
+    max_steps: int = setting(1000, "optimizer steps; the cosine schedule ends here unless optim.decay_steps is set")
     batch_size: int = setting(16, "sequences per data-parallel rank per micro-step")
     seq_len: int = setting(256, "tokens per sequence")
     grad_accum_steps: int = setting(1, "micro-steps per optimizer step")
